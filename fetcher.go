@@ -1,0 +1,275 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Fetcher asks the object service whether objects are online.
+//
+// One semaphore (a buffered channel) bounds the requests in flight across all
+// callbacks. With coalescing on, lookups of an id that is already being
+// fetched join that fetch instead of sending another request: a flight
+// carries the waiters of every callback that asked for its id and hands each
+// the one answer (the model is golang.org/x/sync/singleflight, without a
+// goroutine per waiter).
+type Fetcher struct {
+	client       *http.Client
+	objectsURL   string // upstream + "/objects/"
+	sem          chan struct{}
+	coalesce     bool
+	ttl          time.Duration
+	fetchTimeout time.Duration
+	log          *slog.Logger
+	metrics      *metrics
+	guard        *guard
+
+	mu      sync.Mutex
+	flights map[int64]*flight
+}
+
+// flight is one fetch of one id, with everyone waiting for its answer.
+type flight struct {
+	id       int64
+	deadline time.Time // the latest deadline of its waiters; guarded by Fetcher.mu
+	waiters  []waiter  // guarded by Fetcher.mu
+}
+
+// waiter is one callback's slot for the answer about one id.
+type waiter struct {
+	slot *result
+	wg   *sync.WaitGroup
+}
+
+// newFetcher builds the fetcher with one transport tuned for many concurrent
+// requests to a single host. A nil transport means the tuned default.
+func newFetcher(cfg config, transport http.RoundTripper, log *slog.Logger, m *metrics, g *guard) *Fetcher {
+	if transport == nil {
+		dialer := &net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}
+		transport = &http.Transport{
+			Proxy:       http.ProxyFromEnvironment,
+			DialContext: dialer.DialContext,
+			// Every fetch slot may hold a connection; with the default of 2
+			// idle connections per host almost every request would dial.
+			MaxIdleConns:          cfg.maxInflight,
+			MaxIdleConnsPerHost:   cfg.maxInflight,
+			IdleConnTimeout:       90 * time.Second,
+			TLSHandshakeTimeout:   2 * time.Second,
+			ResponseHeaderTimeout: cfg.fetchTimeout,
+			DisableCompression:    true,
+			// Answers are a few dozen bytes: small buffers keep ten thousand
+			// connections cheap.
+			ReadBufferSize:  2048,
+			WriteBufferSize: 1024,
+		}
+	}
+	return &Fetcher{
+		client:       &http.Client{Transport: transport, Timeout: cfg.fetchTimeout},
+		objectsURL:   strings.TrimRight(cfg.upstream, "/") + "/objects/",
+		sem:          make(chan struct{}, cfg.maxInflight),
+		coalesce:     cfg.coalesce,
+		ttl:          cfg.ttl,
+		fetchTimeout: cfg.fetchTimeout,
+		log:          log,
+		metrics:      m,
+		guard:        g,
+		flights:      make(map[int64]*flight),
+	}
+}
+
+// resolve looks up every id of cb and returns when each has a result: an
+// answer, resultExpired once the callback's deadline passed, or resultAborted
+// when ctx ends. The WaitGroup joins the callback's lookups.
+func (f *Fetcher) resolve(ctx context.Context, cb *callback) {
+	var wg sync.WaitGroup
+	wg.Add(len(cb.ids))
+	deadline := cb.receivedAt.Add(f.ttl)
+	for i, id := range cb.ids {
+		f.lookup(ctx, id, deadline, waiter{slot: &cb.results[i], wg: &wg})
+	}
+	wg.Wait()
+}
+
+// lookup joins the flight for id or starts one. Starting one waits for a
+// semaphore slot, which is what holds back a flood of new ids.
+func (f *Fetcher) lookup(ctx context.Context, id int64, deadline time.Time, w waiter) {
+	fl := &flight{id: id, deadline: deadline, waiters: []waiter{w}}
+	if f.coalesce {
+		f.mu.Lock()
+		if cur, ok := f.flights[id]; ok {
+			cur.waiters = append(cur.waiters, w)
+			if deadline.After(cur.deadline) {
+				cur.deadline = deadline
+			}
+			f.mu.Unlock()
+			f.metrics.coalesced.Inc()
+			return
+		}
+		f.flights[id] = fl
+		f.mu.Unlock()
+	}
+	if !f.acquire(ctx) {
+		f.land(fl, resultAborted)
+		return
+	}
+	go f.fly(ctx, fl)
+}
+
+func (f *Fetcher) acquire(ctx context.Context) bool {
+	select {
+	case f.sem <- struct{}{}:
+		f.metrics.fetchesInFlight.Add(1)
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+func (f *Fetcher) release() {
+	<-f.sem
+	f.metrics.fetchesInFlight.Add(-1)
+}
+
+// fly fetches fl.id, holding a semaphore slot on entry, and retries failed
+// attempts with exponential backoff and full jitter until the latest
+// deadline of its waiters. The slot is released while it sleeps.
+func (f *Fetcher) fly(ctx context.Context, fl *flight) {
+	outcome := resultAborted
+	defer func() { f.land(fl, outcome) }()
+	defer f.guard.recover("fetch")
+	backoff := 50 * time.Millisecond
+	for {
+		start := time.Now()
+		online, kind, err := f.attempt(ctx, fl.id)
+		f.release()
+		f.metrics.fetches.Inc(kind)
+		f.metrics.fetchLatency.Observe(time.Since(start).Seconds())
+		if err == nil {
+			outcome = resultOffline
+			if online {
+				outcome = resultOnline
+			}
+			return
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		f.log.Debug("fetch failed", "id", fl.id, "outcome", kind, "err", err)
+
+		sleep := time.Duration(rand.Int64N(int64(backoff)) + 1)
+		backoff = min(2*backoff, 2*time.Second)
+		f.mu.Lock()
+		deadline := fl.deadline
+		f.mu.Unlock()
+		if time.Now().Add(sleep).After(deadline) {
+			outcome = resultExpired
+			return
+		}
+		f.metrics.retries.Inc()
+		select {
+		case <-time.After(sleep):
+		case <-ctx.Done():
+			return
+		}
+		if !f.acquire(ctx) {
+			return
+		}
+	}
+}
+
+// land hands the outcome to every waiter of fl. Taking fl out of the map
+// under the lock first means no waiter can join after the answer is out.
+func (f *Fetcher) land(fl *flight, r result) {
+	f.mu.Lock()
+	if f.coalesce && f.flights[fl.id] == fl {
+		delete(f.flights, fl.id)
+	}
+	waiters := fl.waiters
+	f.mu.Unlock()
+	if r == resultExpired {
+		f.metrics.idsDropped.Add(uint64(len(waiters)))
+	}
+	for _, w := range waiters {
+		*w.slot = r
+		w.wg.Done()
+	}
+}
+
+// Attempt outcomes, the label values of the fetch counter.
+const (
+	outcomeOnline    = "online"
+	outcomeOffline   = "offline"
+	outcomeStatus    = "bad_status"
+	outcomeBody      = "bad_body"
+	outcomeWrongID   = "wrong_id"
+	outcomeTransport = "transport_error"
+	outcomeTimeout   = "timeout"
+	outcomePanic     = "panic"
+)
+
+// objectAnswer is the object service's answer; pointers tell a missing field
+// from a zero one.
+type objectAnswer struct {
+	ID     *int64 `json:"id"`
+	Online *bool  `json:"online"`
+}
+
+// attempt is one GET of one object. Only a 200 with a JSON body naming the
+// id asked for counts; everything else is a failed attempt, and so is a panic
+// (in a transport, say), which must not strand the flight's waiters.
+func (f *Fetcher) attempt(ctx context.Context, id int64) (online bool, outcome string, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			f.guard.panicked("fetch", r)
+			online, outcome, err = false, outcomePanic, fmt.Errorf("panic: %v", r)
+		}
+	}()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, f.objectsURL+strconv.FormatInt(id, 10), nil)
+	if err != nil {
+		return false, outcomeTransport, fmt.Errorf("build request: %w", err)
+	}
+	resp, err := f.client.Do(req)
+	if err != nil {
+		if errors.Is(err, context.DeadlineExceeded) || isTimeout(err) {
+			return false, outcomeTimeout, fmt.Errorf("get object %d: %w", id, err)
+		}
+		return false, outcomeTransport, fmt.Errorf("get object %d: %w", id, err)
+	}
+	// Reading the body to the end lets the connection be reused.
+	body, readErr := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return false, outcomeStatus, fmt.Errorf("get object %d: status %d", id, resp.StatusCode)
+	}
+	if readErr != nil {
+		return false, outcomeTransport, fmt.Errorf("get object %d: read body: %w", id, readErr)
+	}
+	var a objectAnswer
+	if err := json.Unmarshal(body, &a); err != nil || a.ID == nil || a.Online == nil {
+		return false, outcomeBody, fmt.Errorf("get object %d: want {\"id\":..,\"online\":..}, got %.100q", id, body)
+	}
+	if *a.ID != id {
+		return false, outcomeWrongID, fmt.Errorf("get object %d: answer names id %d", id, *a.ID)
+	}
+	if *a.Online {
+		return true, outcomeOnline, nil
+	}
+	return false, outcomeOffline, nil
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}

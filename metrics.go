@@ -1,0 +1,202 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"math"
+	"strconv"
+	"sync/atomic"
+)
+
+// metrics are the service's counters, gauges and histograms, written by hand
+// in the Prometheus text exposition format (version 0.0.4). All updates are
+// atomic so the hot path never takes a lock for them.
+type metrics struct {
+	callbacksAccepted counter
+	callbacksRejected *labeled
+	idsReceived       counter
+	fetches           *labeled
+	retries           counter
+	coalesced         counter
+	idsDropped        counter
+	callbacksApplied  counter
+	callbacksExpired  counter
+	rowsUpserted      counter
+	rowsReaped        counter
+	journalWrites     counter
+	journalFailures   counter
+	journalReplayed   counter
+	journalExpired    counter
+	dbErrors          *labeled
+	panics            counter
+
+	fetchesInFlight   gauge
+	callbacksInMemory gauge
+	idsInMemory       gauge
+	journalDepth      gauge
+	databaseUp        gauge
+
+	fetchLatency *histogram
+	completion   *histogram
+
+	all []exported
+}
+
+type exported struct {
+	name, help, kind string
+	m                interface {
+		write(b []byte, name string) []byte
+	}
+}
+
+// Label values are fixed up front, so a bad value is a bug, not a new series.
+var (
+	rejectReasons = []string{"bad_method", "bad_json", "bad_id", "too_many_ids", "body_too_large", "backlog_full", "shutting_down"}
+	fetchOutcomes = []string{outcomeOnline, outcomeOffline, outcomeStatus, outcomeBody, outcomeWrongID, outcomeTransport, outcomeTimeout, outcomePanic}
+	dbOps         = []string{"schema", "ping", "journal", "apply", "reap", "renew", "claim", "expire", "park", "depth"}
+)
+
+func newMetrics() *metrics {
+	m := &metrics{
+		callbacksRejected: newLabeled("reason", rejectReasons),
+		fetches:           newLabeled("outcome", fetchOutcomes),
+		dbErrors:          newLabeled("op", dbOps),
+		fetchLatency:      newHistogram(0.005, 0.025, 0.1, 0.25, 0.5, 1, 2, 3, 4, 5, 10),
+		completion:        newHistogram(0.1, 0.5, 1, 2, 3, 4, 5, 7.5, 10, 15, 20, 30),
+	}
+	m.all = []exported{
+		{"objtrack_callbacks_accepted_total", "Callbacks answered 202.", "counter", &m.callbacksAccepted},
+		{"objtrack_callbacks_rejected_total", "Callbacks refused, by reason.", "counter", m.callbacksRejected},
+		{"objtrack_ids_received_total", "Object ids in accepted callbacks, after removing duplicates.", "counter", &m.idsReceived},
+		{"objtrack_fetches_total", "Requests to the object service, by outcome.", "counter", m.fetches},
+		{"objtrack_fetch_retries_total", "Failed requests to the object service that were tried again.", "counter", &m.retries},
+		{"objtrack_fetches_coalesced_total", "Lookups that joined a request already in flight for the same id.", "counter", &m.coalesced},
+		{"objtrack_ids_dropped_total", "Lookups given up because their callback passed received time + TTL.", "counter", &m.idsDropped},
+		{"objtrack_callbacks_applied_total", "Callbacks whose online objects were committed to the table.", "counter", &m.callbacksApplied},
+		{"objtrack_callbacks_expired_total", "Callbacks dropped because they could not be applied before received time + TTL.", "counter", &m.callbacksExpired},
+		{"objtrack_rows_upserted_total", "Rows inserted or moved forward in time in the objects table.", "counter", &m.rowsUpserted},
+		{"objtrack_rows_reaped_total", "Rows deleted from the objects table for being older than the TTL.", "counter", &m.rowsReaped},
+		{"objtrack_journal_writes_total", "Callbacks written to the journal before they were acknowledged.", "counter", &m.journalWrites},
+		{"objtrack_journal_failures_total", "Callbacks acknowledged without a journal row (held in memory only).", "counter", &m.journalFailures},
+		{"objtrack_journal_replayed_total", "Journal rows taken over from a stopped or crashed instance.", "counter", &m.journalReplayed},
+		{"objtrack_journal_expired_total", "Journal rows deleted unprocessed because they were older than the TTL.", "counter", &m.journalExpired},
+		{"objtrack_db_errors_total", "Failed PostgreSQL operations, by operation.", "counter", m.dbErrors},
+		{"objtrack_panics_recovered_total", "Panics recovered in any goroutine.", "counter", &m.panics},
+		{"objtrack_fetches_in_flight", "Requests to the object service in flight.", "gauge", &m.fetchesInFlight},
+		{"objtrack_callbacks_in_memory", "Callbacks accepted and not yet applied.", "gauge", &m.callbacksInMemory},
+		{"objtrack_ids_in_memory", "Object ids of the callbacks in memory.", "gauge", &m.idsInMemory},
+		{"objtrack_journal_depth", "Rows in the journal table, all instances.", "gauge", &m.journalDepth},
+		{"objtrack_database_up", "1 when PostgreSQL is reachable and the schema applied.", "gauge", &m.databaseUp},
+		{"objtrack_fetch_duration_seconds", "Time for one request to the object service.", "histogram", m.fetchLatency},
+		{"objtrack_callback_completion_seconds", "Time from receiving a callback to committing its objects.", "histogram", m.completion},
+	}
+	return m
+}
+
+// WriteTo writes every metric in the text exposition format.
+func (m *metrics) WriteTo(w io.Writer) (int64, error) {
+	b := make([]byte, 0, 8<<10)
+	for _, e := range m.all {
+		b = fmt.Appendf(b, "# HELP %s %s\n# TYPE %s %s\n", e.name, e.help, e.name, e.kind)
+		b = e.m.write(b, e.name)
+	}
+	n, err := w.Write(b)
+	return int64(n), err
+}
+
+type counter struct{ v atomic.Uint64 }
+
+func (c *counter) Inc()         { c.v.Add(1) }
+func (c *counter) Add(n uint64) { c.v.Add(n) }
+func (c *counter) Value() uint64 {
+	return c.v.Load()
+}
+func (c *counter) write(b []byte, name string) []byte {
+	return fmt.Appendf(b, "%s %d\n", name, c.v.Load())
+}
+
+type gauge struct{ v atomic.Int64 }
+
+func (g *gauge) Set(n int64)  { g.v.Store(n) }
+func (g *gauge) Add(n int64)  { g.v.Add(n) }
+func (g *gauge) Value() int64 { return g.v.Load() }
+func (g *gauge) write(b []byte, name string) []byte {
+	return fmt.Appendf(b, "%s %d\n", name, g.v.Load())
+}
+
+// labeled is a counter with one label whose values are known in advance.
+type labeled struct {
+	label  string
+	values []string
+	counts []counter
+}
+
+func newLabeled(label string, values []string) *labeled {
+	return &labeled{label: label, values: values, counts: make([]counter, len(values))}
+}
+
+// Inc counts one for value; an unknown value is a programming error and
+// panics, which the guards turn into a logged, counted event.
+func (l *labeled) Inc(value string) {
+	for i, v := range l.values {
+		if v == value {
+			l.counts[i].Inc()
+			return
+		}
+	}
+	panic("metrics: unknown label value " + strconv.Quote(value))
+}
+
+func (l *labeled) Value(value string) uint64 {
+	for i, v := range l.values {
+		if v == value {
+			return l.counts[i].Value()
+		}
+	}
+	return 0
+}
+
+func (l *labeled) write(b []byte, name string) []byte {
+	for i, v := range l.values {
+		b = fmt.Appendf(b, "%s{%s=%q} %d\n", name, l.label, v, l.counts[i].Value())
+	}
+	return b
+}
+
+// histogram has fixed upper bounds in seconds; buckets are stored
+// non-cumulative and summed when written.
+type histogram struct {
+	bounds  []float64
+	buckets []atomic.Uint64 // one per bound, plus +Inf
+	sumBits atomic.Uint64   // float64 bits, updated by compare-and-swap
+}
+
+func newHistogram(bounds ...float64) *histogram {
+	return &histogram{bounds: bounds, buckets: make([]atomic.Uint64, len(bounds)+1)}
+}
+
+func (h *histogram) Observe(v float64) {
+	i := 0
+	for i < len(h.bounds) && v > h.bounds[i] {
+		i++
+	}
+	h.buckets[i].Add(1)
+	for {
+		old := h.sumBits.Load()
+		if h.sumBits.CompareAndSwap(old, math.Float64bits(math.Float64frombits(old)+v)) {
+			return
+		}
+	}
+}
+
+func (h *histogram) write(b []byte, name string) []byte {
+	var cum uint64
+	for i, bound := range h.bounds {
+		cum += h.buckets[i].Load()
+		b = fmt.Appendf(b, "%s_bucket{le=%q} %d\n", name, strconv.FormatFloat(bound, 'g', -1, 64), cum)
+	}
+	cum += h.buckets[len(h.bounds)].Load()
+	b = fmt.Appendf(b, "%s_bucket{le=\"+Inf\"} %d\n", name, cum)
+	b = fmt.Appendf(b, "%s_sum %s\n", name, strconv.FormatFloat(math.Float64frombits(h.sumBits.Load()), 'g', -1, 64))
+	return fmt.Appendf(b, "%s_count %d\n", name, cum)
+}

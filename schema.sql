@@ -1,0 +1,25 @@
+-- Applied at every start and after every database outage, so every statement
+-- is idempotent. The service runs it under an advisory lock.
+
+-- The product: online objects and the receipt time of the latest callback
+-- that named them. Rows older than the TTL are deleted by the reaper, which
+-- finds them through the last_seen index.
+CREATE TABLE IF NOT EXISTS objects (
+    id        BIGINT PRIMARY KEY,
+    last_seen TIMESTAMPTZ NOT NULL
+);
+CREATE INDEX IF NOT EXISTS objects_last_seen_idx ON objects (last_seen);
+
+-- Accepted callbacks not yet applied. A row is written before the callback is
+-- acknowledged and deleted in the statement that applies it; the instance
+-- working on it renews lease_until, and any instance takes over a row whose
+-- lease ran out.
+CREATE TABLE IF NOT EXISTS callback_journal (
+    id          BIGINT PRIMARY KEY,
+    received_at TIMESTAMPTZ NOT NULL,
+    object_ids  BIGINT[] NOT NULL,
+    owner       TEXT NOT NULL,
+    lease_until TIMESTAMPTZ NOT NULL
+);
+CREATE INDEX IF NOT EXISTS callback_journal_lease_idx ON callback_journal (lease_until);
+CREATE INDEX IF NOT EXISTS callback_journal_received_idx ON callback_journal (received_at);

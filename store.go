@@ -1,0 +1,608 @@
+package main
+
+import (
+	"context"
+	"database/sql"
+	_ "embed"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"os"
+	"runtime"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/lib/pq"
+)
+
+//go:embed schema.sql
+var schemaSQL string
+
+var (
+	errExpired = errors.New("callback expired before it could be applied")
+	errAborted = errors.New("shutting down")
+	errNotUp   = errors.New("database not available")
+)
+
+// Store is everything the service keeps in PostgreSQL: the objects table and
+// the journal of accepted callbacks. Journal writes and applies are batched
+// by writer goroutines, so that many callbacks share one round trip and one
+// commit (group commit), which is what lets the journal keep up at hundreds
+// of callbacks per second.
+//
+// All timestamps are the service's wall clock, passed in as parameters;
+// SQL never calls now(), so there is one clock for received_at, last_seen,
+// leases and the reaper's cutoff.
+type Store struct {
+	db             *sql.DB
+	owner          string // this instance's name on the journal rows it leases
+	ttl            time.Duration
+	lease          time.Duration
+	journalTimeout time.Duration
+	log            *slog.Logger
+	metrics        *metrics
+
+	journalQ chan *storeReq
+	applyQ   chan *storeReq
+
+	up       atomic.Bool // schema applied and the last check reached the server
+	mu       sync.Mutex
+	downWhy  error
+	lastWarn time.Time // rate-limits the warnings of the write paths
+}
+
+// storeReq is one callback waiting for a writer goroutine.
+type storeReq struct {
+	cb   *callback
+	done chan error // buffered: the writer never blocks on a caller that gave up
+}
+
+func newStore(cfg config, log *slog.Logger, m *metrics) (*Store, error) {
+	connector, err := pq.NewConnector(cfg.dsn)
+	if err != nil {
+		return nil, fmt.Errorf("parse -dsn %s: %w", redactDSN(cfg.dsn), err)
+	}
+	connector.Dialer(dialer{})
+	db := sql.OpenDB(connector)
+	// Writers, reaper, journal keeper and health checks need about eight
+	// connections; the rest absorb bursts. Idle ones are kept so the hot path
+	// never waits for a TCP and authentication handshake.
+	db.SetMaxOpenConns(cfg.dbConns)
+	db.SetMaxIdleConns(cfg.dbConns)
+	db.SetConnMaxIdleTime(5 * time.Minute)
+	db.SetConnMaxLifetime(30 * time.Minute)
+	s := &Store{
+		db:             db,
+		owner:          fmt.Sprintf("%s-%d-%08x", hostname(), syscall.Getpid(), rand.Uint32()),
+		ttl:            cfg.ttl,
+		lease:          cfg.lease,
+		journalTimeout: cfg.journalTimeout,
+		log:            log,
+		metrics:        m,
+		journalQ:       make(chan *storeReq, 1024),
+		applyQ:         make(chan *storeReq, 1024),
+		downWhy:        errors.New("not connected yet"),
+	}
+	return s, nil
+}
+
+// hostname makes journal owners readable: which machine holds a lease.
+func hostname() string {
+	h, err := os.Hostname()
+	if err != nil || h == "" {
+		return "objtrack"
+	}
+	return h
+}
+
+// Close closes the connection pool.
+func (s *Store) Close() error { return s.db.Close() }
+
+// dialer bounds how long a dead PostgreSQL can hold a connection: TCP
+// keepalive probes and TCP_USER_TIMEOUT turn a silent network failure into
+// an error within seconds instead of the kernel's default of minutes.
+type dialer struct{}
+
+const tcpUserTimeout = 0x12 // TCP_USER_TIMEOUT on Linux
+
+func (dialer) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
+	d := net.Dialer{
+		Timeout:         5 * time.Second,
+		KeepAliveConfig: net.KeepAliveConfig{Enable: true, Idle: 5 * time.Second, Interval: 2 * time.Second, Count: 3},
+		Control: func(network, address string, c syscall.RawConn) error {
+			if runtime.GOOS != "linux" || network == "unix" {
+				return nil
+			}
+			return c.Control(func(fd uintptr) {
+				_ = syscall.SetsockoptInt(int(fd), syscall.IPPROTO_TCP, tcpUserTimeout, 15000)
+			})
+		},
+	}
+	return d.DialContext(ctx, network, addr)
+}
+
+func (d dialer) Dial(network, addr string) (net.Conn, error) {
+	return d.DialContext(context.Background(), network, addr)
+}
+
+func (d dialer) DialTimeout(network, addr string, timeout time.Duration) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	return d.DialContext(ctx, network, addr)
+}
+
+// Ready says whether the database is reachable and the schema applied, and
+// if not, why.
+func (s *Store) Ready() error {
+	if s.up.Load() {
+		return nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return fmt.Errorf("%w: %v", errNotUp, s.downWhy)
+}
+
+func (s *Store) setUp(err error) {
+	was := s.up.Load()
+	s.mu.Lock()
+	s.downWhy = err
+	s.mu.Unlock()
+	s.up.Store(err == nil)
+	if err == nil {
+		s.metrics.databaseUp.Set(1)
+		if !was {
+			s.log.Info("database ready")
+		}
+		return
+	}
+	s.metrics.databaseUp.Set(0)
+	if was {
+		s.log.Warn("database unavailable", "err", err)
+	}
+}
+
+// keepConnected applies the schema as soon as PostgreSQL can be reached, then
+// checks it every second; after an outage the schema is applied again, which
+// is idempotent and covers a database that came back empty.
+func (s *Store) keepConnected(ctx context.Context) {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		var err error
+		if s.up.Load() {
+			err = s.ping(ctx)
+		} else {
+			err = s.applySchema(ctx)
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		s.setUp(err)
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+func (s *Store) ping(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	if err := s.db.PingContext(ctx); err != nil {
+		s.metrics.dbErrors.Inc("ping")
+		return fmt.Errorf("ping: %w", err)
+	}
+	return nil
+}
+
+// applySchema runs schema.sql under an advisory lock, because concurrent
+// CREATE ... IF NOT EXISTS from several starting instances can still collide.
+func (s *Store) applySchema(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	err := func() error {
+		tx, err := s.db.BeginTx(ctx, nil)
+		if err != nil {
+			return err
+		}
+		defer tx.Rollback()
+		if _, err := tx.ExecContext(ctx, `SELECT pg_advisory_xact_lock(7295013514)`); err != nil {
+			return err
+		}
+		if _, err := tx.ExecContext(ctx, schemaSQL); err != nil {
+			return err
+		}
+		return tx.Commit()
+	}()
+	if err != nil {
+		s.metrics.dbErrors.Inc("schema")
+		return fmt.Errorf("apply schema: %w", err)
+	}
+	return nil
+}
+
+// warn logs a write-path failure at most once every five seconds: during an
+// outage every batch fails, and one line per batch would flood the log.
+func (s *Store) warn(msg string, args ...any) {
+	s.mu.Lock()
+	now := time.Now()
+	if now.Sub(s.lastWarn) < 5*time.Second {
+		s.mu.Unlock()
+		return
+	}
+	s.lastWarn = now
+	s.mu.Unlock()
+	s.log.Warn(msg, args...)
+}
+
+// Journal writes cb to the journal table, waiting at most until ctx ends.
+// A nil error means the callback survives a crash of this instance.
+func (s *Store) Journal(ctx context.Context, cb *callback) error {
+	if err := s.Ready(); err != nil {
+		return err // fail fast: no point making the sender wait for a dead database
+	}
+	return s.enqueue(ctx, s.journalQ, cb)
+}
+
+// Apply commits cb's online objects and deletes its journal row in one
+// statement, retrying through database outages until the callback expires.
+func (s *Store) Apply(ctx context.Context, cb *callback) error {
+	return s.enqueue(ctx, s.applyQ, cb)
+}
+
+func (s *Store) enqueue(ctx context.Context, q chan *storeReq, cb *callback) error {
+	r := &storeReq{cb: cb, done: make(chan error, 1)}
+	select {
+	case q <- r:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	select {
+	case err := <-r.done:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// collect waits for one request and then takes whatever else is queued, up
+// to max, so that a busy writer batches and an idle one does not wait.
+func collect(ctx context.Context, q chan *storeReq, batch []*storeReq, max int) []*storeReq {
+	if len(batch) == 0 {
+		select {
+		case r := <-q:
+			batch = append(batch, r)
+		case <-ctx.Done():
+			return batch
+		}
+	}
+	for len(batch) < max {
+		select {
+		case r := <-q:
+			batch = append(batch, r)
+		default:
+			return batch
+		}
+	}
+	return batch
+}
+
+// runJournalWriter writes queued journal requests in batches. A failed batch
+// is not retried: its callers have a deadline well under a second and are
+// accepted into memory when it passes.
+func (s *Store) runJournalWriter(ctx context.Context) {
+	var batch []*storeReq
+	for ctx.Err() == nil {
+		batch = collect(ctx, s.journalQ, batch[:0], 512)
+		if len(batch) == 0 {
+			continue
+		}
+		cbs := make([]*callback, len(batch))
+		for i, r := range batch {
+			cbs[i] = r.cb
+		}
+		wctx, cancel := context.WithTimeout(ctx, s.journalTimeout)
+		now := time.Now()
+		err := s.insertJournal(wctx, cbs, now.Add(s.lease))
+		cancel()
+		if err != nil {
+			s.metrics.dbErrors.Inc("journal")
+			s.warn("journal write failed", "callbacks", len(batch), "err", err)
+		}
+		for _, r := range batch {
+			r.done <- err
+		}
+	}
+}
+
+// insertJournal writes callbacks with the given lease in one statement. A row
+// that exists already (a retry, or parking at shutdown) gets the new lease.
+func (s *Store) insertJournal(ctx context.Context, cbs []*callback, leaseUntil time.Time) error {
+	ids := make([]int64, len(cbs))
+	times := make([]string, len(cbs))
+	objects := make([]string, len(cbs))
+	for i, cb := range cbs {
+		ids[i] = cb.id
+		times[i] = pgTime(cb.receivedAt)
+		objects[i] = pgInt64Array(cb.ids)
+	}
+	_, err := s.db.ExecContext(ctx, `
+		INSERT INTO callback_journal (id, received_at, object_ids, owner, lease_until)
+		SELECT j.id, j.received_at, j.object_ids::bigint[], $4, $5
+		FROM unnest($1::bigint[], $2::timestamptz[], $3::text[]) AS j(id, received_at, object_ids)
+		ON CONFLICT (id) DO UPDATE SET owner = EXCLUDED.owner, lease_until = EXCLUDED.lease_until`,
+		pq.Array(ids), pq.Array(times), pq.Array(objects), s.owner, pgTime(leaseUntil))
+	if err != nil {
+		return fmt.Errorf("insert %d journal rows: %w", len(cbs), err)
+	}
+	return nil
+}
+
+// Park journals callbacks with an already expired lease, so that the next
+// instance to look (this one after a restart, or another) takes them over at
+// once. Used at shutdown for whatever the grace period did not finish.
+func (s *Store) Park(ctx context.Context, cbs []*callback) error {
+	if len(cbs) == 0 {
+		return nil
+	}
+	if err := s.insertJournal(ctx, cbs, time.Now().Add(-time.Second)); err != nil {
+		s.metrics.dbErrors.Inc("park")
+		return err
+	}
+	return nil
+}
+
+// runApplyWriter commits completed callbacks in batches. On failure it keeps
+// the batch, adds whatever arrived meanwhile, drops what has expired, and
+// tries again with backoff, so a database outage costs nothing that is still
+// within its TTL.
+func (s *Store) runApplyWriter(ctx context.Context) {
+	const maxBatch = 1000
+	var pending []*storeReq
+	backoff := 100 * time.Millisecond
+	for {
+		pending = collect(ctx, s.applyQ, pending, maxBatch)
+		if ctx.Err() != nil {
+			for _, r := range pending {
+				r.done <- errAborted
+			}
+			return
+		}
+		if len(pending) == 0 {
+			continue
+		}
+		batch := pending[:min(len(pending), maxBatch)]
+		applied, expired, err := s.applyBatch(ctx, batch)
+		if err == nil {
+			for i, r := range batch {
+				if expired[i] {
+					r.done <- errExpired
+				} else {
+					r.done <- nil
+				}
+			}
+			s.metrics.callbacksApplied.Add(uint64(applied))
+			pending = append(pending[:0], pending[len(batch):]...)
+			backoff = 100 * time.Millisecond
+			continue
+		}
+		s.metrics.dbErrors.Inc("apply")
+		s.warn("apply failed; will retry", "callbacks", len(pending), "err", err)
+		// Callbacks past their deadline are dropped now; their journal rows
+		// are removed by the journal keeper's expiry sweep.
+		cutoff := time.Now().Add(-s.ttl)
+		kept := pending[:0]
+		for _, r := range pending {
+			if r.cb.receivedAt.Before(cutoff) {
+				s.metrics.callbacksExpired.Inc()
+				r.done <- errExpired
+				continue
+			}
+			kept = append(kept, r)
+		}
+		pending = kept
+		select {
+		case <-ctx.Done():
+		case <-time.After(backoff/2 + rand.N(backoff/2)):
+		}
+		backoff = min(2*backoff, 2*time.Second)
+	}
+}
+
+// applyBatch upserts the online objects of a batch of callbacks and deletes
+// their journal rows in one statement, so each callback is either still in
+// the journal or fully applied. Objects of callbacks older than the TTL are
+// left out (the reaper would delete them at once) but their journal rows go.
+func (s *Store) applyBatch(ctx context.Context, batch []*storeReq) (applied int, expired []bool, err error) {
+	cutoff := time.Now().Add(-s.ttl)
+	journalIDs := make([]int64, len(batch))
+	expired = make([]bool, len(batch))
+	type row struct {
+		id int64
+		at time.Time
+	}
+	var rows []row
+	for i, r := range batch {
+		journalIDs[i] = r.cb.id
+		online := r.cb.online()
+		if r.cb.receivedAt.Before(cutoff) {
+			expired[i] = true
+			s.metrics.idsDropped.Add(uint64(len(online)))
+			continue
+		}
+		applied++
+		for _, id := range online {
+			rows = append(rows, row{id, r.cb.receivedAt})
+		}
+	}
+	// One statement must not name an id twice (ON CONFLICT cannot affect a
+	// row twice): sort by id, latest time first, and keep the first of each.
+	// Sorted ids also make concurrent writers lock rows in the same order.
+	slices.SortFunc(rows, func(a, b row) int {
+		if a.id != b.id {
+			if a.id < b.id {
+				return -1
+			}
+			return 1
+		}
+		return b.at.Compare(a.at)
+	})
+	rows = slices.CompactFunc(rows, func(a, b row) bool { return a.id == b.id })
+	ids := make([]int64, len(rows))
+	times := make([]string, len(rows))
+	for i, r := range rows {
+		ids[i] = r.id
+		times[i] = pgTime(r.at)
+	}
+	// The WHERE skips updates that would not move last_seen, which saves
+	// dead tuples; GREATEST states the rule on its own.
+	var upserted, deleted int64
+	err = s.db.QueryRowContext(ctx, `
+		WITH upserted AS (
+			INSERT INTO objects (id, last_seen)
+			SELECT * FROM unnest($1::bigint[], $2::timestamptz[])
+			ON CONFLICT (id) DO UPDATE SET last_seen = GREATEST(objects.last_seen, EXCLUDED.last_seen)
+			WHERE objects.last_seen < EXCLUDED.last_seen
+			RETURNING 1
+		), done AS (
+			DELETE FROM callback_journal WHERE id = ANY($3::bigint[]) RETURNING 1
+		)
+		SELECT (SELECT count(*) FROM upserted), (SELECT count(*) FROM done)`,
+		pq.Array(ids), pq.Array(times), pq.Array(journalIDs)).Scan(&upserted, &deleted)
+	if err != nil {
+		return 0, nil, fmt.Errorf("apply %d callbacks (%d rows): %w", len(batch), len(rows), err)
+	}
+	s.metrics.rowsUpserted.Add(uint64(upserted))
+	for i := range expired {
+		if expired[i] {
+			s.metrics.callbacksExpired.Inc()
+		}
+	}
+	return applied, expired, nil
+}
+
+// Reap deletes rows last seen before cutoff. Rows locked by a concurrent
+// upsert are skipped (they are being refreshed; the next round sees them),
+// which also means the reaper can never deadlock with a writer.
+func (s *Store) Reap(ctx context.Context, cutoff time.Time) (int64, error) {
+	const chunk = 10000
+	var total int64
+	for {
+		res, err := s.db.ExecContext(ctx, `
+			DELETE FROM objects WHERE id IN (
+				SELECT id FROM objects WHERE last_seen < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)`,
+			pgTime(cutoff), chunk)
+		if err != nil {
+			s.metrics.dbErrors.Inc("reap")
+			return total, fmt.Errorf("reap rows older than %s: %w", cutoff.Format(time.RFC3339), err)
+		}
+		n, _ := res.RowsAffected()
+		total += n
+		if n < chunk {
+			return total, nil
+		}
+	}
+}
+
+// RenewLeases extends the leases of the journal rows this instance holds.
+func (s *Store) RenewLeases(ctx context.Context, ids []int64, until time.Time) error {
+	if len(ids) == 0 {
+		return nil
+	}
+	_, err := s.db.ExecContext(ctx, `
+		UPDATE callback_journal SET owner = $2, lease_until = $3
+		WHERE id IN (SELECT id FROM callback_journal WHERE id = ANY($1::bigint[]) FOR UPDATE SKIP LOCKED)`,
+		pq.Array(ids), s.owner, pgTime(until))
+	if err != nil {
+		s.metrics.dbErrors.Inc("renew")
+		return fmt.Errorf("renew %d leases: %w", len(ids), err)
+	}
+	return nil
+}
+
+// DropExpired deletes journal rows received before cutoff: their objects
+// would be reaped as soon as they were written.
+func (s *Store) DropExpired(ctx context.Context, cutoff time.Time) (int64, error) {
+	res, err := s.db.ExecContext(ctx, `
+		DELETE FROM callback_journal WHERE id IN (
+			SELECT id FROM callback_journal WHERE received_at < $1 FOR UPDATE SKIP LOCKED)`,
+		pgTime(cutoff))
+	if err != nil {
+		s.metrics.dbErrors.Inc("expire")
+		return 0, fmt.Errorf("drop expired journal rows: %w", err)
+	}
+	return res.RowsAffected()
+}
+
+// Claim takes over up to limit journal rows whose lease ran out (their
+// instance stopped or crashed), oldest first. SKIP LOCKED lets several
+// instances claim at once without waiting for or double-claiming a row.
+func (s *Store) Claim(ctx context.Context, now time.Time, limit int) ([]*callback, error) {
+	rows, err := s.db.QueryContext(ctx, `
+		UPDATE callback_journal SET owner = $1, lease_until = $2
+		WHERE id IN (
+			SELECT id FROM callback_journal
+			WHERE lease_until < $3 AND received_at >= $4
+			ORDER BY received_at LIMIT $5 FOR UPDATE SKIP LOCKED)
+		RETURNING id, received_at, object_ids`,
+		s.owner, pgTime(now.Add(s.lease)), pgTime(now), pgTime(now.Add(-s.ttl)), limit)
+	if err != nil {
+		s.metrics.dbErrors.Inc("claim")
+		return nil, fmt.Errorf("claim journal rows: %w", err)
+	}
+	defer rows.Close()
+	var out []*callback
+	for rows.Next() {
+		var id int64
+		var at time.Time
+		var ids pq.Int64Array
+		if err := rows.Scan(&id, &at, &ids); err != nil {
+			return out, fmt.Errorf("scan journal row: %w", err)
+		}
+		cb := newCallback(at, dedupe([]int64(ids)))
+		cb.id = id
+		cb.journaled = true
+		out = append(out, cb)
+	}
+	if err := rows.Err(); err != nil {
+		s.metrics.dbErrors.Inc("claim")
+		return out, fmt.Errorf("claim journal rows: %w", err)
+	}
+	return out, nil
+}
+
+// JournalDepth counts the journal rows of all instances.
+func (s *Store) JournalDepth(ctx context.Context) (int64, error) {
+	var n int64
+	if err := s.db.QueryRowContext(ctx, `SELECT count(*) FROM callback_journal`).Scan(&n); err != nil {
+		s.metrics.dbErrors.Inc("depth")
+		return 0, fmt.Errorf("count journal rows: %w", err)
+	}
+	return n, nil
+}
+
+// pgTime formats t for a timestamptz parameter, to the microsecond that
+// PostgreSQL stores.
+func pgTime(t time.Time) string {
+	return t.UTC().Format("2006-01-02T15:04:05.999999Z")
+}
+
+// pgInt64Array formats ids as a PostgreSQL array literal.
+func pgInt64Array(ids []int64) string {
+	b := make([]byte, 0, 2+len(ids)*8)
+	b = append(b, '{')
+	for i, id := range ids {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = strconv.AppendInt(b, id, 10)
+	}
+	return string(append(b, '}'))
+}
