@@ -1,0 +1,18 @@
+# Each target runs against DATABASE_URL if set, otherwise against a throwaway
+# PostgreSQL that scripts/with-postgres starts and removes.
+.PHONY: demo test bench build fuzz
+
+demo:
+	scripts/with-postgres scripts/demo
+
+test:
+	scripts/with-postgres go test -race -count=1 ./...
+
+bench:
+	scripts/with-postgres scripts/bench
+
+build:
+	go build -o bin/objtrack . && go build -o bin/sim ./sim
+
+fuzz:
+	go test -run '^$$' -fuzz FuzzDecodeCallback -fuzztime 60s .

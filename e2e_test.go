@@ -1,0 +1,147 @@
+package main
+
+import (
+	"context"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+)
+
+// timeWindow posts a callback and returns the window in which the service
+// must have received it.
+func postTimed(t *testing.T, base string, ids ...int64) (from, to time.Time) {
+	t.Helper()
+	from = time.Now().Truncate(time.Microsecond)
+	status, body := post(t, base, idsBody(ids...))
+	to = time.Now()
+	if status != http.StatusAccepted || !strings.Contains(body, `"journaled":true`) {
+		t.Fatalf("status %d body %s, want 202 and journaled", status, body)
+	}
+	return from, to
+}
+
+func within(at, from, to time.Time) bool { return !at.Before(from) && !at.After(to) }
+
+func TestEndToEnd(t *testing.T) {
+	dsn := testDSN(t)
+	db := openDB(t, dsn)
+	up := newUpstream(t, 100*time.Millisecond, nil)
+	svc := startService(t, dsn, up.URL, "-ttl", "3s", "-reap-every", "200ms")
+	svc.waitReady(t)
+
+	aFrom, aTo := postTimed(t, svc.base, 1, 2, 3, 4, 4)
+	eventually(t, 5*time.Second, "ids 2 and 4 in the table", func() bool { return len(objectsIn(t, db)) == 2 })
+	got := objectsIn(t, db)
+	for _, id := range []int64{2, 4} {
+		if !within(got[id], aFrom, aTo) {
+			t.Errorf("id %d: last_seen %s, want the receipt time in [%s, %s]", id, got[id], aFrom, aTo)
+		}
+	}
+
+	time.Sleep(1500 * time.Millisecond)
+	bFrom, bTo := postTimed(t, svc.base, 2, 6, 7)
+	eventually(t, 5*time.Second, "id 6 in the table", func() bool { _, ok := objectsIn(t, db)[6]; return ok })
+	got = objectsIn(t, db)
+	if !within(got[2], bFrom, bTo) || !within(got[6], bFrom, bTo) {
+		t.Errorf("ids 2 and 6 at %s and %s, want the second callback's time", got[2], got[6])
+	}
+	if _, ok := got[7]; ok {
+		t.Error("offline id 7 stored")
+	}
+	if journalDepth(t, db) != 0 {
+		t.Error("journal not empty after the callbacks were applied")
+	}
+
+	// Id 4 was last named by the first callback: it goes 3s after that,
+	// while 2 and 6 live until 3s after the second.
+	eventually(t, 5*time.Second, "id 4 reaped", func() bool { _, ok := objectsIn(t, db)[4]; return !ok })
+	if time.Since(aFrom) < 3*time.Second {
+		t.Errorf("id 4 reaped %s after its callback, before the 3s TTL", time.Since(aFrom))
+	}
+	if _, ok := objectsIn(t, db)[2]; !ok && time.Since(bFrom) < 3*time.Second {
+		t.Error("id 2 reaped before its TTL")
+	}
+	eventually(t, 5*time.Second, "table empty after the TTL", func() bool { return len(objectsIn(t, db)) == 0 })
+
+	if n := svc.metric(t, "objtrack_callbacks_accepted_total"); n != 2 {
+		t.Errorf("accepted %v, want 2", n)
+	}
+	if n := svc.metric(t, "objtrack_rows_reaped_total"); n != 3 {
+		t.Errorf("reaped %v, want 3", n)
+	}
+	if err := svc.stop(); err != nil {
+		t.Errorf("stop: %v", err)
+	}
+}
+
+// A later callback whose lookup finishes first must not be overwritten by
+// the earlier callback's late result.
+func TestOutOfOrderCompletionNeverMovesBack(t *testing.T) {
+	dsn := testDSN(t)
+	db := openDB(t, dsn)
+	up := newUpstream(t, 0, func(w http.ResponseWriter, r *http.Request, id int64, n int) bool {
+		if n == 1 {
+			time.Sleep(time.Second) // the first request for an id is slow
+		}
+		return false
+	})
+	svc := startService(t, dsn, up.URL, "-coalesce=false")
+	svc.waitReady(t)
+	postTimed(t, svc.base, 2)
+	time.Sleep(100 * time.Millisecond)
+	lateFrom, lateTo := postTimed(t, svc.base, 2)
+	eventually(t, 5*time.Second, "both requests answered and applied", func() bool {
+		return up.count(2) == 2 && svc.metric(t, "objtrack_callbacks_applied_total") == 2
+	})
+	if at := objectsIn(t, db)[2]; !within(at, lateFrom, lateTo) {
+		t.Errorf("last_seen %s, want the later callback's time in [%s, %s]", at, lateFrom, lateTo)
+	}
+}
+
+// A panic while a callback is processed is recovered and counted, the
+// callback still lands, and the service keeps serving.
+func TestPanicDuringProcessingLeavesServiceServing(t *testing.T) {
+	dsn := testDSN(t)
+	db := openDB(t, dsn)
+	up := newUpstream(t, 0, nil)
+	p := newParts(t, testConfig(t, "-dsn", dsn, "-upstream", up.URL), &panicky{next: http.DefaultTransport, target: "/objects/13"})
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	g := &guard{log: discardLogger(), metrics: p.metrics}
+	for _, loop := range []func(context.Context){p.store.keepConnected, p.store.runJournalWriter, p.store.runApplyWriter} {
+		go g.loop(ctx, "test", loop)
+	}
+	srv := httptest.NewServer(p.handler)
+	t.Cleanup(srv.Close)
+	eventually(t, 5*time.Second, "database ready", func() bool { return p.store.Ready() == nil })
+
+	postTimed(t, srv.URL, 12, 13, 14)
+	eventually(t, 5*time.Second, "ids 12 and 14 in the table", func() bool { return len(objectsIn(t, db)) == 2 })
+	postTimed(t, srv.URL, 16)
+	eventually(t, 5*time.Second, "id 16 in the table", func() bool { return len(objectsIn(t, db)) == 3 })
+	if n := p.metrics.panics.Value(); n != 1 {
+		t.Errorf("panics recovered %d, want 1", n)
+	}
+}
+
+func TestStartsWithoutDatabaseAndCatchesUp(t *testing.T) {
+	up := newUpstream(t, 50*time.Millisecond, nil)
+	// Nothing listens on this port yet: the service must come up anyway.
+	proxy := newTCPProxy(t, "")
+	svc := startService(t, proxy.dsn(t, testDSN(t)), up.URL)
+	resp, err := http.Get(svc.base + "/readyz")
+	if err != nil || resp.StatusCode != http.StatusServiceUnavailable {
+		t.Fatalf("readyz %v %v, want 503 while the database is unreachable", resp, err)
+	}
+	resp.Body.Close()
+	status, body := post(t, svc.base, idsBody(2, 4))
+	if status != http.StatusAccepted || !strings.Contains(body, `"journaled":false`) {
+		t.Fatalf("status %d body %s, want 202 into memory", status, body)
+	}
+	proxy.setUp(true)
+	svc.waitReady(t)
+	db := openDB(t, proxy.target)
+	eventually(t, 10*time.Second, "callback applied once the database is back", func() bool { return len(objectsIn(t, db)) == 2 })
+}

@@ -1,0 +1,182 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// resolveAll resolves callbacks concurrently, as the pipeline does.
+func resolveAll(f *Fetcher, cbs ...*callback) {
+	var wg sync.WaitGroup
+	for _, cb := range cbs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			f.resolve(context.Background(), cb)
+		}()
+	}
+	wg.Wait()
+}
+
+func wantResults(t *testing.T, cb *callback) {
+	t.Helper()
+	for i, id := range cb.ids {
+		want := resultOffline
+		if id%2 == 0 {
+			want = resultOnline
+		}
+		if cb.results[i] != want {
+			t.Errorf("id %d: result %d, want %d", id, cb.results[i], want)
+		}
+	}
+}
+
+func TestSemaphoreBoundsFetchesAcrossCallbacks(t *testing.T) {
+	up := newUpstream(t, 30*time.Millisecond, nil)
+	p := newParts(t, testConfig(t, "-upstream", up.URL, "-max-inflight", "4"), nil)
+	var cbs []*callback
+	for c := range 5 {
+		ids := make([]int64, 12)
+		for i := range ids {
+			ids[i] = int64(c*100 + i)
+		}
+		cbs = append(cbs, newCallback(time.Now(), ids))
+	}
+	resolveAll(p.fetcher, cbs...)
+	for _, cb := range cbs {
+		wantResults(t, cb)
+	}
+	if peak := up.peakInflight(); peak != 4 {
+		t.Errorf("peak concurrency at the object service %d, want exactly the limit 4", peak)
+	}
+	if up.total() != 60 {
+		t.Errorf("%d requests, want 60", up.total())
+	}
+}
+
+func TestCoalescing(t *testing.T) {
+	for _, tt := range []struct {
+		coalesce string
+		want     int
+	}{{"true", 1}, {"false", 10}} {
+		t.Run("coalesce="+tt.coalesce, func(t *testing.T) {
+			up := newUpstream(t, 300*time.Millisecond, nil)
+			p := newParts(t, testConfig(t, "-upstream", up.URL, "-coalesce="+tt.coalesce), nil)
+			var cbs []*callback
+			for range 10 {
+				cbs = append(cbs, newCallback(time.Now(), []int64{42, 43}))
+			}
+			resolveAll(p.fetcher, cbs...)
+			for _, cb := range cbs {
+				wantResults(t, cb)
+			}
+			if got := up.count(42); got != tt.want {
+				t.Errorf("requests for id 42: %d, want %d", got, tt.want)
+			}
+			if tt.coalesce == "true" && p.metrics.coalesced.Value() != 18 {
+				t.Errorf("coalesced lookups %d, want 18", p.metrics.coalesced.Value())
+			}
+		})
+	}
+}
+
+func TestFailedAttemptsAreRetried(t *testing.T) {
+	hang := func(w http.ResponseWriter, r *http.Request) { <-r.Context().Done() }
+	tests := []struct {
+		name    string
+		outcome string
+		fail    func(w http.ResponseWriter, r *http.Request, id int64)
+	}{
+		{"500", outcomeStatus, func(w http.ResponseWriter, r *http.Request, id int64) { http.Error(w, "oops", 500) }},
+		{"404", outcomeStatus, func(w http.ResponseWriter, r *http.Request, id int64) { http.NotFound(w, r) }},
+		{"garbage", outcomeBody, func(w http.ResponseWriter, r *http.Request, id int64) { fmt.Fprint(w, `{"id": 1, "onl`) }},
+		{"missing field", outcomeBody, func(w http.ResponseWriter, r *http.Request, id int64) { fmt.Fprintf(w, `{"id": %d}`, id) }},
+		{"wrong id", outcomeWrongID, func(w http.ResponseWriter, r *http.Request, id int64) { fmt.Fprintf(w, `{"id": %d, "online": true}`, id+1) }},
+		{"timeout", outcomeTimeout, func(w http.ResponseWriter, r *http.Request, id int64) { hang(w, r) }},
+		{"dropped connection", outcomeTransport, func(w http.ResponseWriter, r *http.Request, id int64) {
+			conn, _, err := w.(http.Hijacker).Hijack()
+			if err == nil {
+				conn.Close()
+			}
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			up := newUpstream(t, 0, func(w http.ResponseWriter, r *http.Request, id int64, n int) bool {
+				if n <= 2 {
+					tt.fail(w, r, id)
+					return true
+				}
+				return false
+			})
+			p := newParts(t, testConfig(t, "-upstream", up.URL, "-fetch-timeout", "200ms"), nil)
+			cb := newCallback(time.Now(), []int64{6, 7})
+			resolveAll(p.fetcher, cb)
+			wantResults(t, cb)
+			if up.count(6) != 3 || up.count(7) != 3 {
+				t.Errorf("requests %d and %d, want 3 each (two failures, one answer)", up.count(6), up.count(7))
+			}
+			if got := p.metrics.fetches.Value(tt.outcome); got != 4 {
+				t.Errorf("attempts counted as %s: %d, want 4", tt.outcome, got)
+			}
+			if got := p.metrics.retries.Value(); got != 4 {
+				t.Errorf("retries %d, want 4", got)
+			}
+		})
+	}
+}
+
+func TestLookupGivesUpAtDeadline(t *testing.T) {
+	up := newUpstream(t, 0, func(w http.ResponseWriter, r *http.Request, id int64, n int) bool {
+		http.Error(w, "down", 503)
+		return true
+	})
+	p := newParts(t, testConfig(t, "-upstream", up.URL, "-ttl", "400ms"), nil)
+	cb := newCallback(time.Now(), []int64{1, 2})
+	start := time.Now()
+	resolveAll(p.fetcher, cb)
+	if d := time.Since(start); d > 2*time.Second {
+		t.Errorf("gave up after %s, want about the 400ms TTL", d)
+	}
+	for i, r := range cb.results {
+		if r != resultExpired {
+			t.Errorf("id %d: result %d, want expired", cb.ids[i], r)
+		}
+	}
+	if up.count(1) < 2 {
+		t.Errorf("only %d attempts before giving up", up.count(1))
+	}
+	if got := p.metrics.idsDropped.Value(); got != 2 {
+		t.Errorf("ids dropped %d, want 2", got)
+	}
+}
+
+// panicky is a transport that panics on the first request for id 13.
+type panicky struct {
+	next   http.RoundTripper
+	fired  atomic.Bool
+	target string
+}
+
+func (p *panicky) RoundTrip(r *http.Request) (*http.Response, error) {
+	if r.URL.Path == p.target && p.fired.CompareAndSwap(false, true) {
+		panic("injected transport panic")
+	}
+	return p.next.RoundTrip(r)
+}
+
+func TestPanicDuringFetchIsRetried(t *testing.T) {
+	up := newUpstream(t, 0, nil)
+	p := newParts(t, testConfig(t, "-upstream", up.URL), &panicky{next: http.DefaultTransport, target: "/objects/13"})
+	cb := newCallback(time.Now(), []int64{12, 13, 14})
+	resolveAll(p.fetcher, cb)
+	wantResults(t, cb)
+	if got := p.metrics.panics.Value(); got != 1 {
+		t.Errorf("panics recovered %d, want 1", got)
+	}
+}

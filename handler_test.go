@@ -1,0 +1,174 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"net/http"
+	"net/http/httptest"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestCallbackRejectsBadInput(t *testing.T) {
+	cfg := testConfig(t, "-max-ids", "5", "-max-body", "200")
+	h := newParts(t, cfg, nil).handler
+	tests := []struct {
+		name, method, body string
+		status             int
+		errContains        string
+	}{
+		{"malformed JSON", "POST", `{"object_ids": [1, 2`, 400, "malformed JSON"},
+		{"not JSON at all", "POST", `hello`, 400, "malformed JSON"},
+		{"empty body", "POST", ``, 400, "empty body"},
+		{"trailing data", "POST", `{"object_ids": [1]} {"object_ids": [2]}`, 400, "trailing data"},
+		{"trailing garbage", "POST", `{"object_ids": [1]} x`, 400, "malformed JSON"},
+		{"array at top level", "POST", `[1, 2]`, 400, "want an object"},
+		{"ids not an array", "POST", `{"object_ids": 5}`, 400, "want an array of integers"},
+		{"ids an object", "POST", `{"object_ids": {"a": 1}}`, 400, "want an array of integers"},
+		{"missing ids", "POST", `{"ids": [1]}`, 400, `missing "object_ids"`},
+		{"null ids", "POST", `{"object_ids": null}`, 400, `missing "object_ids"`},
+		{"string id", "POST", `{"object_ids": ["7"]}`, 400, "not an integer"},
+		{"float id", "POST", `{"object_ids": [1.5]}`, 400, "not an integer"},
+		{"integral float id", "POST", `{"object_ids": [2.0]}`, 400, "not an integer"},
+		{"exponent id", "POST", `{"object_ids": [1e3]}`, 400, "not an integer"},
+		{"null id", "POST", `{"object_ids": [null]}`, 400, "not an integer"},
+		{"bool id", "POST", `{"object_ids": [true]}`, 400, "not an integer"},
+		{"nested id", "POST", `{"object_ids": [[1]]}`, 400, "not an integer"},
+		{"too large id", "POST", `{"object_ids": [9223372036854775808]}`, 400, "out of range"},
+		{"too small id", "POST", `{"object_ids": [-9223372036854775809]}`, 400, "out of range"},
+		{"too many ids", "POST", `{"object_ids": [1, 2, 3, 4, 5, 6]}`, 413, "at most 5"},
+		{"body too large", "POST", `{"object_ids": [1], "pad": "` + strings.Repeat("x", 300) + `"}`, 413, "larger than 200 bytes"},
+		{"GET", "GET", ``, 405, "use POST"},
+		{"PUT", "PUT", `{"object_ids": [1]}`, 405, "use POST"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			rec := httptest.NewRecorder()
+			h.ServeHTTP(rec, httptest.NewRequest(tt.method, "/callback", strings.NewReader(tt.body)))
+			if rec.Code != tt.status {
+				t.Fatalf("status %d, want %d (body %s)", rec.Code, tt.status, rec.Body)
+			}
+			var body struct{ Error string }
+			if err := json.Unmarshal(rec.Body.Bytes(), &body); err != nil {
+				t.Fatalf("error body is not JSON: %q", rec.Body)
+			}
+			if !strings.Contains(body.Error, tt.errContains) {
+				t.Errorf("error %q, want it to mention %q", body.Error, tt.errContains)
+			}
+			if got := rec.Header().Get("Content-Type"); got != "application/json" {
+				t.Errorf("Content-Type %q", got)
+			}
+			if tt.status == 405 && rec.Header().Get("Allow") != "POST" {
+				t.Errorf("Allow %q, want POST", rec.Header().Get("Allow"))
+			}
+		})
+	}
+}
+
+func TestDecodeCallbackAccepts(t *testing.T) {
+	tests := []struct {
+		name, body string
+		want       []int64
+	}{
+		{"empty list", `{"object_ids": []}`, []int64{}},
+		{"duplicates removed and sorted", `{"object_ids": [3, 1, 3, 2, 1]}`, []int64{1, 2, 3}},
+		{"unknown fields ignored", `{"sender": "x", "object_ids": [5], "extra": {"a": [1]}}`, []int64{5}},
+		{"extremes", `{"object_ids": [-9223372036854775808, 9223372036854775807, 0, -1]}`, []int64{-9223372036854775808, -1, 0, 9223372036854775807}},
+		{"whitespace around", " \n{\"object_ids\":[7]}\n ", []int64{7}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := decodeCallback(strings.NewReader(tt.body), 10)
+			if err != nil {
+				t.Fatalf("decode: %v", err)
+			}
+			if !slices.Equal(got, tt.want) {
+				t.Errorf("ids %v, want %v", got, tt.want)
+			}
+		})
+	}
+}
+
+// With the database down the callback is still accepted, into memory.
+func TestCallbackAcceptedWithoutDatabase(t *testing.T) {
+	up := newUpstream(t, 0, nil)
+	p := newParts(t, testConfig(t, "-upstream", up.URL), nil)
+	start := time.Now()
+	rec := httptest.NewRecorder()
+	p.handler.ServeHTTP(rec, httptest.NewRequest("POST", "/callback", strings.NewReader(`{"object_ids":[1,2,2]}`)))
+	if rec.Code != http.StatusAccepted {
+		t.Fatalf("status %d (%s), want 202", rec.Code, rec.Body)
+	}
+	if d := time.Since(start); d > 500*time.Millisecond {
+		t.Errorf("answer took %s with the database down", d)
+	}
+	var body acceptedBody
+	if err := json.Unmarshal(rec.Body.Bytes(), &body); err != nil || body.IDs != 2 || body.Journaled {
+		t.Errorf("body %s: want 2 ids, not journaled", rec.Body)
+	}
+	if got := p.metrics.journalFailures.Value(); got != 1 {
+		t.Errorf("journal failures %d, want 1", got)
+	}
+	eventually(t, 5*time.Second, "both ids fetched", func() bool { return up.count(1) == 1 && up.count(2) == 1 })
+}
+
+func TestBacklogFullAnswers503(t *testing.T) {
+	up := newUpstream(t, time.Hour, nil) // lookups never finish: callbacks stay in memory
+	p := newParts(t, testConfig(t, "-upstream", up.URL, "-max-backlog", "3"), nil)
+	codes := map[int]int{}
+	for i := range 6 {
+		rec := httptest.NewRecorder()
+		p.handler.ServeHTTP(rec, httptest.NewRequest("POST", "/callback", strings.NewReader(idsBody(int64(i)))))
+		codes[rec.Code]++
+		if rec.Code == http.StatusServiceUnavailable && rec.Header().Get("Retry-After") == "" {
+			t.Error("503 without Retry-After")
+		}
+	}
+	if codes[202] != 3 || codes[503] != 3 {
+		t.Errorf("codes %v, want 3×202 and 3×503", codes)
+	}
+	if got := p.metrics.callbacksRejected.Value("backlog_full"); got != 3 {
+		t.Errorf("rejected backlog_full %d, want 3", got)
+	}
+}
+
+func TestPanicInHandlerIs500(t *testing.T) {
+	m := newMetrics()
+	g := &guard{log: discardLogger(), metrics: m}
+	h := recoverPanics(http.HandlerFunc(func(http.ResponseWriter, *http.Request) { panic("boom") }), g)
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest("GET", "/", nil))
+	if rec.Code != 500 || m.panics.Value() != 1 {
+		t.Errorf("status %d panics %d, want 500 and 1", rec.Code, m.panics.Value())
+	}
+}
+
+// FuzzDecodeCallback: the decoder never panics, accepts only valid JSON,
+// returns sorted unique ids within the limit, and rejects with a 4xx.
+func FuzzDecodeCallback(f *testing.F) {
+	for _, s := range []string{
+		`{"object_ids":[1,2,3]}`, `{"object_ids":[]}`, `{"object_ids":[1.5]}`, `{"object_ids":["1"]}`,
+		`{"object_ids":[9223372036854775807,-9223372036854775808]}`, `{"object_ids":[1]} x`, `[]`, ``, `{`,
+		`{"object_ids":[null]}`, `{"a":{"b":[1,{"c":"\u00e9"}]},"object_ids":[4,4]}`,
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, body []byte) {
+		ids, err := decodeCallback(strings.NewReader(string(body)), 50)
+		if err != nil {
+			var bad *badRequest
+			if !errors.As(err, &bad) || bad.status < 400 || bad.status > 499 || bad.msg == "" {
+				t.Fatalf("error %v is not a 4xx badRequest", err)
+			}
+			return
+		}
+		if !json.Valid(body) {
+			t.Fatalf("accepted invalid JSON %q", body)
+		}
+		if len(ids) > 50 || !slices.IsSorted(ids) || len(slices.Compact(slices.Clone(ids))) != len(ids) {
+			t.Fatalf("ids %v: want sorted, unique, at most 50", ids)
+		}
+	})
+}
