@@ -24,7 +24,7 @@ func newJournalKeeper(cfg config, s *Store, p *pipeline, log *slog.Logger, m *me
 	// Renewing five times per lease keeps a held row's lease alive through a
 	// few failed rounds, and a crashed instance's rows are taken over within
 	// about one lease.
-	return &journalKeeper{store: s, pipe: p, ttl: cfg.ttl, lease: cfg.lease, every: cfg.lease / 5, log: log, metrics: m}
+	return &journalKeeper{store: s, pipe: p, ttl: cfg.ttl, lease: cfg.lease, every: min(cfg.lease/5, time.Second), log: log, metrics: m}
 }
 
 func (k *journalKeeper) run(ctx context.Context) {
