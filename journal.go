@@ -21,9 +21,9 @@ type journalKeeper struct {
 }
 
 func newJournalKeeper(cfg config, s *Store, p *pipeline, log *slog.Logger, m *metrics) *journalKeeper {
-	// Renewing five times per lease keeps a held row's lease alive through a
-	// few failed rounds, and a crashed instance's rows are taken over within
-	// about one lease.
+	// Rounds at least five times per lease keep a held row's lease alive
+	// through a few failed rounds; at least once a second so that parked or
+	// orphaned rows are taken over soon after their lease runs out.
 	return &journalKeeper{store: s, pipe: p, ttl: cfg.ttl, lease: cfg.lease, every: min(cfg.lease/5, time.Second), log: log, metrics: m}
 }
 
