@@ -145,3 +145,28 @@ func TestStartsWithoutDatabaseAndCatchesUp(t *testing.T) {
 	db := openDB(t, proxy.target)
 	eventually(t, 10*time.Second, "callback applied once the database is back", func() bool { return len(objectsIn(t, db)) == 2 })
 }
+
+// One slow lookup does not hold back the rows of the rest of its callback,
+// and the journal row stays until the callback is complete.
+func TestEarlyFlushWritesFinishedLookups(t *testing.T) {
+	dsn := testDSN(t)
+	db := openDB(t, dsn)
+	up := newUpstream(t, 0, func(w http.ResponseWriter, r *http.Request, id int64, n int) bool {
+		if id == 4 {
+			time.Sleep(3 * time.Second)
+		}
+		return false
+	})
+	svc := startService(t, dsn, up.URL)
+	svc.waitReady(t)
+	start := time.Now()
+	postTimed(t, svc.base, 2, 4)
+	eventually(t, 2500*time.Millisecond, "id 2 written before id 4 answers", func() bool { _, ok := objectsIn(t, db)[2]; return ok })
+	if _, ok := objectsIn(t, db)[4]; ok || journalDepth(t, db) != 1 {
+		t.Fatalf("after %s: id 4 present or journal row gone too early", time.Since(start))
+	}
+	eventually(t, 5*time.Second, "id 4 written and journal row deleted", func() bool {
+		_, ok := objectsIn(t, db)[4]
+		return ok && journalDepth(t, db) == 0
+	})
+}

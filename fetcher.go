@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -48,7 +49,7 @@ type flight struct {
 
 // waiter is one callback's slot for the answer about one id.
 type waiter struct {
-	slot *result
+	slot *atomic.Uint32
 	wg   *sync.WaitGroup
 }
 
@@ -88,17 +89,16 @@ func newFetcher(cfg config, transport http.RoundTripper, log *slog.Logger, m *me
 	}
 }
 
-// resolve looks up every id of cb and returns when each has a result: an
-// answer, resultExpired once the callback's deadline passed, or resultAborted
-// when ctx ends. The WaitGroup joins the callback's lookups.
-func (f *Fetcher) resolve(ctx context.Context, cb *callback) {
-	var wg sync.WaitGroup
+// lookupAll starts a lookup of every id of cb; wg is done once each has a
+// result: an answer, resultExpired once the callback's deadline passed, or
+// resultAborted when ctx ends. It returns when the last lookup has started,
+// which waits for semaphore slots.
+func (f *Fetcher) lookupAll(ctx context.Context, cb *callback, wg *sync.WaitGroup) {
 	wg.Add(len(cb.ids))
 	deadline := cb.receivedAt.Add(f.ttl)
 	for i, id := range cb.ids {
-		f.lookup(ctx, id, deadline, waiter{slot: &cb.results[i], wg: &wg})
+		f.lookup(ctx, id, deadline, waiter{slot: &cb.results[i], wg: wg})
 	}
-	wg.Wait()
 }
 
 // lookup joins the flight for id or starts one. Starting one waits for a
@@ -201,7 +201,7 @@ func (f *Fetcher) land(fl *flight, r result) {
 		f.metrics.idsDropped.Add(uint64(len(waiters)))
 	}
 	for _, w := range waiters {
-		*w.slot = r
+		w.slot.Store(uint32(r))
 		w.wg.Done()
 	}
 }

@@ -17,7 +17,9 @@ func resolveAll(f *Fetcher, cbs ...*callback) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			f.resolve(context.Background(), cb)
+			var lookups sync.WaitGroup
+			f.lookupAll(context.Background(), cb, &lookups)
+			lookups.Wait()
 		}()
 	}
 	wg.Wait()
@@ -30,8 +32,8 @@ func wantResults(t *testing.T, cb *callback) {
 		if id%2 == 0 {
 			want = resultOnline
 		}
-		if cb.results[i] != want {
-			t.Errorf("id %d: result %d, want %d", id, cb.results[i], want)
+		if cb.result(i) != want {
+			t.Errorf("id %d: result %d, want %d", id, cb.result(i), want)
 		}
 	}
 }
@@ -96,7 +98,9 @@ func TestFailedAttemptsAreRetried(t *testing.T) {
 		{"404", outcomeStatus, func(w http.ResponseWriter, r *http.Request, id int64) { http.NotFound(w, r) }},
 		{"garbage", outcomeBody, func(w http.ResponseWriter, r *http.Request, id int64) { fmt.Fprint(w, `{"id": 1, "onl`) }},
 		{"missing field", outcomeBody, func(w http.ResponseWriter, r *http.Request, id int64) { fmt.Fprintf(w, `{"id": %d}`, id) }},
-		{"wrong id", outcomeWrongID, func(w http.ResponseWriter, r *http.Request, id int64) { fmt.Fprintf(w, `{"id": %d, "online": true}`, id+1) }},
+		{"wrong id", outcomeWrongID, func(w http.ResponseWriter, r *http.Request, id int64) {
+			fmt.Fprintf(w, `{"id": %d, "online": true}`, id+1)
+		}},
 		{"timeout", outcomeTimeout, func(w http.ResponseWriter, r *http.Request, id int64) { hang(w, r) }},
 		{"dropped connection", outcomeTransport, func(w http.ResponseWriter, r *http.Request, id int64) {
 			conn, _, err := w.(http.Hijacker).Hijack()
@@ -143,8 +147,8 @@ func TestLookupGivesUpAtDeadline(t *testing.T) {
 	if d := time.Since(start); d > 2*time.Second {
 		t.Errorf("gave up after %s, want about the 400ms TTL", d)
 	}
-	for i, r := range cb.results {
-		if r != resultExpired {
+	for i := range cb.ids {
+		if r := cb.result(i); r != resultExpired {
 			t.Errorf("id %d: result %d, want expired", cb.ids[i], r)
 		}
 	}

@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -15,8 +16,14 @@ type callback struct {
 	id         int64     // journal row id, random so instances never collide
 	receivedAt time.Time // becomes last_seen; the service's wall clock, µs precision
 	ids        []int64   // sorted, without duplicates
-	results    []result  // results[i] is written once, by the fetch of ids[i]
 	journaled  bool      // its journal row was written before it was acknowledged
+
+	// results[i] is set once, by the lookup of ids[i], and read while other
+	// lookups are still landing, hence atomic.
+	results []atomic.Uint32
+	// written[i] says ids[i] went to the table in an early flush; only the
+	// goroutine processing the callback touches it.
+	written []bool
 }
 
 // result is what a lookup of one id came to.
@@ -35,19 +42,34 @@ func newCallback(receivedAt time.Time, ids []int64) *callback {
 		id:         rand.Int64(),
 		receivedAt: receivedAt,
 		ids:        ids,
-		results:    make([]result, len(ids)),
+		results:    make([]atomic.Uint32, len(ids)),
+		written:    make([]bool, len(ids)),
 	}
 }
 
-// online lists the ids the object service reported online.
-func (cb *callback) online() []int64 {
+func (cb *callback) result(i int) result { return result(cb.results[i].Load()) }
+
+// takeOnline returns the ids found online and not yet written, and marks
+// them written.
+func (cb *callback) takeOnline() []int64 {
 	var out []int64
-	for i, r := range cb.results {
-		if r == resultOnline {
+	for i := range cb.ids {
+		if !cb.written[i] && cb.result(i) == resultOnline {
+			cb.written[i] = true
 			out = append(out, cb.ids[i])
 		}
 	}
 	return out
+}
+
+// aborted says whether some lookup ended without an answer.
+func (cb *callback) aborted() bool {
+	for i := range cb.ids {
+		if cb.result(i) == resultAborted {
+			return true
+		}
+	}
+	return false
 }
 
 // dedupe sorts ids and removes repeats in place.
@@ -146,6 +168,11 @@ func (p *pipeline) start(cb *callback) {
 	go p.process(cb)
 }
 
+// earlyFlush is how long a callback's finished lookups wait for its slowest
+// one before they are written anyway, so that one hanging request does not
+// hold back the other rows of its callback.
+const earlyFlush = time.Second
+
 // process looks up every id of cb and applies the online ones; it returns
 // without forgetting cb when shutdown cut it short, so drain can park it.
 func (p *pipeline) process(cb *callback) {
@@ -156,17 +183,43 @@ func (p *pipeline) process(cb *callback) {
 			p.recoverCallback(cb)
 		}
 	}()
-	p.fetcher.resolve(p.ctx, cb)
+	// The WaitGroup joins the callback's lookups; waiting on it in its own
+	// goroutine lets this one flush early results meanwhile.
+	var lookups sync.WaitGroup
+	p.fetcher.lookupAll(p.ctx, cb, &lookups)
+	done := make(chan struct{})
+	go func() {
+		defer p.guard.recover("wait for lookups")
+		lookups.Wait()
+		close(done)
+	}()
+	flush := time.NewTicker(earlyFlush)
+	defer flush.Stop()
+	for waiting := true; waiting; {
+		select {
+		case <-done:
+			waiting = false
+		case <-flush.C:
+			if rows := cb.takeOnline(); len(rows) > 0 {
+				// Upserts only: the journal row stays until the final apply.
+				if err := p.store.Apply(p.ctx, cb, rows, false); p.ctx.Err() != nil {
+					return
+				} else if err != nil && !errors.Is(err, errExpired) {
+					p.log.Warn("early flush failed", "journal_id", cb.id, "err", err)
+				}
+			}
+		}
+	}
 	if p.ctx.Err() != nil {
 		return
 	}
-	if slices.Contains(cb.results, resultAborted) {
+	if cb.aborted() {
 		// A lookup ended without an answer though nothing is shutting down
 		// (it panicked): give the callback back to the journal for a retry.
 		p.recoverCallback(cb)
 		return
 	}
-	switch err := p.store.Apply(p.ctx, cb); {
+	switch err := p.store.Apply(p.ctx, cb, cb.takeOnline(), true); {
 	case err == nil:
 		p.metrics.completion.Observe(time.Since(cb.receivedAt).Seconds())
 	case errors.Is(err, errExpired):

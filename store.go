@@ -59,8 +59,10 @@ type Store struct {
 
 // storeReq is one callback waiting for a writer goroutine.
 type storeReq struct {
-	cb   *callback
-	done chan error // buffered: the writer never blocks on a caller that gave up
+	cb     *callback
+	online []int64    // apply: the ids to upsert at cb.receivedAt
+	final  bool       // apply: also delete cb's journal row
+	done   chan error // buffered: the writer never blocks on a caller that gave up
 }
 
 func newStore(cfg config, log *slog.Logger, m *metrics) (*Store, error) {
@@ -248,17 +250,19 @@ func (s *Store) Journal(ctx context.Context, cb *callback) error {
 	if err := s.Ready(); err != nil {
 		return err // fail fast: no point making the sender wait for a dead database
 	}
-	return s.enqueue(ctx, s.journalQ, cb)
+	return s.enqueue(ctx, s.journalQ, &storeReq{cb: cb})
 }
 
-// Apply commits cb's online objects and deletes its journal row in one
-// statement, retrying through database outages until the callback expires.
-func (s *Store) Apply(ctx context.Context, cb *callback) error {
-	return s.enqueue(ctx, s.applyQ, cb)
+// Apply upserts online, ids of cb, at cb's receipt time. The final apply of
+// a callback also deletes its journal row, in the same statement, so the
+// callback is either still in the journal or fully applied. Apply retries
+// through database outages until the callback expires.
+func (s *Store) Apply(ctx context.Context, cb *callback, online []int64, final bool) error {
+	return s.enqueue(ctx, s.applyQ, &storeReq{cb: cb, online: online, final: final})
 }
 
-func (s *Store) enqueue(ctx context.Context, q chan *storeReq, cb *callback) error {
-	r := &storeReq{cb: cb, done: make(chan error, 1)}
+func (s *Store) enqueue(ctx context.Context, q chan *storeReq, r *storeReq) error {
+	r.done = make(chan error, 1)
 	select {
 	case q <- r:
 	case <-ctx.Done():
@@ -401,7 +405,9 @@ func (s *Store) runApplyWriter(ctx context.Context) {
 		kept := pending[:0]
 		for _, r := range pending {
 			if r.cb.receivedAt.Before(cutoff) {
-				s.metrics.callbacksExpired.Inc()
+				if r.final {
+					s.metrics.callbacksExpired.Inc()
+				}
 				r.done <- errExpired
 				continue
 			}
@@ -416,13 +422,13 @@ func (s *Store) runApplyWriter(ctx context.Context) {
 	}
 }
 
-// applyBatch upserts the online objects of a batch of callbacks and deletes
-// their journal rows in one statement, so each callback is either still in
-// the journal or fully applied. Objects of callbacks older than the TTL are
-// left out (the reaper would delete them at once) but their journal rows go.
+// applyBatch upserts the online objects of a batch of apply requests and
+// deletes the journal rows of the final ones, in one statement. Objects of
+// callbacks older than the TTL are left out (the reaper would delete them at
+// once) but their journal rows go.
 func (s *Store) applyBatch(ctx context.Context, batch []*storeReq) (applied int, expired []bool, err error) {
 	cutoff := time.Now().Add(-s.ttl)
-	journalIDs := make([]int64, len(batch))
+	journalIDs := make([]int64, 0, len(batch))
 	expired = make([]bool, len(batch))
 	type row struct {
 		id int64
@@ -430,15 +436,18 @@ func (s *Store) applyBatch(ctx context.Context, batch []*storeReq) (applied int,
 	}
 	var rows []row
 	for i, r := range batch {
-		journalIDs[i] = r.cb.id
-		online := r.cb.online()
+		if r.final {
+			journalIDs = append(journalIDs, r.cb.id)
+		}
 		if r.cb.receivedAt.Before(cutoff) {
 			expired[i] = true
-			s.metrics.idsDropped.Add(uint64(len(online)))
+			s.metrics.idsDropped.Add(uint64(len(r.online)))
 			continue
 		}
-		applied++
-		for _, id := range online {
+		if r.final {
+			applied++
+		}
+		for _, id := range r.online {
 			rows = append(rows, row{id, r.cb.receivedAt})
 		}
 	}
@@ -481,7 +490,7 @@ func (s *Store) applyBatch(ctx context.Context, batch []*storeReq) (applied int,
 	}
 	s.metrics.rowsUpserted.Add(uint64(upserted))
 	for i := range expired {
-		if expired[i] {
+		if expired[i] && batch[i].final {
 			s.metrics.callbacksExpired.Inc()
 		}
 	}

@@ -22,9 +22,9 @@ func dbParts(t *testing.T, args ...string) *parts {
 func resolved(at time.Time, ids ...int64) *callback {
 	cb := newCallback(at.Round(0).Truncate(time.Microsecond), dedupe(ids))
 	for i, id := range cb.ids {
-		cb.results[i] = resultOffline
+		cb.results[i].Store(uint32(resultOffline))
 		if id%2 == 0 {
-			cb.results[i] = resultOnline
+			cb.results[i].Store(uint32(resultOnline))
 		}
 	}
 	return cb
@@ -34,7 +34,7 @@ func applyNow(t *testing.T, s *Store, cbs ...*callback) []bool {
 	t.Helper()
 	reqs := make([]*storeReq, len(cbs))
 	for i, cb := range cbs {
-		reqs[i] = &storeReq{cb: cb}
+		reqs[i] = &storeReq{cb: cb, online: cb.takeOnline(), final: true}
 	}
 	_, expired, err := s.applyBatch(context.Background(), reqs)
 	if err != nil {
