@@ -59,6 +59,7 @@ type config struct {
 	logLevel       string
 	logFormat      string
 	pprofAddr      string
+	healthcheck    bool
 }
 
 // envName is the environment variable that backs a flag: DATABASE_URL for
@@ -95,6 +96,7 @@ func parseConfig(args []string, getenv func(string) string, out io.Writer) (conf
 	fs.StringVar(&c.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.StringVar(&c.logFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&c.pprofAddr, "pprof", "", "serve net/http/pprof on this address (off when empty)")
+	fs.BoolVar(&c.healthcheck, "healthcheck", false, "only check that the service at -listen answers /healthz, exit 0 if so (for container health checks)")
 
 	// The environment fills in defaults; the command line overrides it.
 	var envErr error
@@ -132,7 +134,7 @@ func (c config) validate() error {
 	}
 	u, err := url.Parse(c.upstream)
 	check(err == nil && (u.Scheme == "http" || u.Scheme == "https") && u.Host != "", "-upstream %q: want an http(s) URL with a host", c.upstream)
-	check(c.dsn != "", "-dsn is required (or set DATABASE_URL)")
+	check(c.dsn != "" || c.healthcheck, "-dsn is required (or set DATABASE_URL)")
 	check(c.ttl > 0, "-ttl must be positive")
 	check(c.reapEvery > 0, "-reap-every must be positive")
 	check(c.maxInflight > 0, "-max-inflight must be positive")
@@ -167,6 +169,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	cfg, err := parseConfig(args[1:], getenv, stdout)
 	if err != nil {
 		return err
+	}
+	if cfg.healthcheck {
+		return healthcheck(cfg.listen)
 	}
 	log := newLogger(cfg, stdout)
 	m := newMetrics()
@@ -288,6 +293,28 @@ func fetchLimit(want, dbConns int, log *slog.Logger) int {
 	}
 	log.Info("fetch concurrency", "max_inflight", want, "nofile", lim.Cur)
 	return want
+}
+
+// healthcheck asks a running service for /healthz, so a container image
+// without curl can still have a HEALTHCHECK.
+func healthcheck(listen string) error {
+	host, port, err := net.SplitHostPort(listen)
+	if err != nil {
+		return fmt.Errorf("-listen %q: %w", listen, err)
+	}
+	if host == "" || host == "0.0.0.0" || host == "::" {
+		host = "127.0.0.1"
+	}
+	client := &http.Client{Timeout: 2 * time.Second}
+	resp, err := client.Get("http://" + net.JoinHostPort(host, port) + "/healthz")
+	if err != nil {
+		return fmt.Errorf("healthcheck: %w", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("healthcheck: status %d", resp.StatusCode)
+	}
+	return nil
 }
 
 // redactDSN hides the password in either DSN form so it can be logged.

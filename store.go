@@ -54,6 +54,7 @@ type Store struct {
 	up       atomic.Bool // schema applied and the last check reached the server
 	mu       sync.Mutex
 	downWhy  error
+	told     bool      // the current state has been logged
 	lastWarn time.Time // rate-limits the warnings of the write paths
 }
 
@@ -150,22 +151,24 @@ func (s *Store) Ready() error {
 	return fmt.Errorf("%w: %v", errNotUp, s.downWhy)
 }
 
+// setUp records the result of a check, logging only changes of state.
 func (s *Store) setUp(err error) {
-	was := s.up.Load()
 	s.mu.Lock()
+	defer s.mu.Unlock()
+	changed := !s.told || s.up.Load() != (err == nil)
+	s.told = true
 	s.downWhy = err
-	s.mu.Unlock()
 	s.up.Store(err == nil)
 	if err == nil {
 		s.metrics.databaseUp.Set(1)
-		if !was {
+		if changed {
 			s.log.Info("database ready")
 		}
 		return
 	}
 	s.metrics.databaseUp.Set(0)
-	if was {
-		s.log.Warn("database unavailable", "err", err)
+	if changed {
+		s.log.Warn("database unavailable; callbacks are still accepted, retrying", "err", err)
 	}
 }
 

@@ -1,0 +1,257 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"flag"
+	"net/http"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestFlagsFallBackToEnvironment(t *testing.T) {
+	env := map[string]string{
+		"DATABASE_URL":          "postgres://from-env@localhost/db",
+		"OBJTRACK_TTL":          "45s",
+		"OBJTRACK_MAX_INFLIGHT": "77",
+		"OBJTRACK_COALESCE":     "false",
+	}
+	getenv := func(k string) string { return env[k] }
+	cfg, err := parseConfig([]string{"-max-inflight", "99"}, getenv, &bytes.Buffer{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.dsn != env["DATABASE_URL"] || cfg.ttl != 45*time.Second || cfg.coalesce {
+		t.Errorf("environment not used: %+v", cfg)
+	}
+	if cfg.maxInflight != 99 {
+		t.Errorf("max-inflight %d: the command line must override the environment", cfg.maxInflight)
+	}
+}
+
+func TestBadConfigurationIsReported(t *testing.T) {
+	tests := []struct {
+		name string
+		args []string
+		env  map[string]string
+		want string
+	}{
+		{"no dsn", nil, nil, "-dsn is required"},
+		{"bad env value", []string{"-dsn", "x"}, map[string]string{"OBJTRACK_TTL": "soon"}, "OBJTRACK_TTL"},
+		{"bad upstream", []string{"-dsn", "x", "-upstream", "localhost:9010"}, nil, "-upstream"},
+		{"zero inflight", []string{"-dsn", "x", "-max-inflight", "0"}, nil, "-max-inflight"},
+		{"slow journal", []string{"-dsn", "x", "-journal-timeout", "2s"}, nil, "-journal-timeout"},
+		{"log format", []string{"-dsn", "x", "-log-format", "xml"}, nil, "-log-format"},
+		{"stray argument", []string{"-dsn", "x", "extra"}, nil, "unexpected arguments"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := parseConfig(tt.args, func(k string) string { return tt.env[k] }, &bytes.Buffer{})
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("error %v, want it to mention %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func TestHelpListsEveryFlagWithItsEnvironmentVariable(t *testing.T) {
+	var out bytes.Buffer
+	err := run(context.Background(), []string{"objtrack", "-help"}, func(string) string { return "" }, &out)
+	if !errors.Is(err, flag.ErrHelp) {
+		t.Fatalf("run -help: %v", err)
+	}
+	for _, want := range []string{"-listen", "-upstream", "-dsn", "DATABASE_URL", "-ttl", "OBJTRACK_TTL", "-reap-every",
+		"-max-inflight", "-max-ids", "-max-body", "-coalesce", "-grace", "-max-backlog", "-journal-timeout", "-lease",
+		"-fetch-timeout", "-db-conns", "-log-level", "-log-format", "-pprof", "-healthcheck"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("-help does not mention %s", want)
+		}
+	}
+}
+
+func TestRedactDSN(t *testing.T) {
+	for _, dsn := range []string{
+		"postgres://app:s3cr3t@db:5432/objects?sslmode=disable",
+		"host=db user=app password=s3cr3t dbname=objects",
+	} {
+		if got := redactDSN(dsn); strings.Contains(got, "s3cr3t") {
+			t.Errorf("redactDSN(%q) = %q", dsn, got)
+		}
+	}
+}
+
+// The password never reaches the logs, whatever the DSN form and however
+// the connection fails.
+func TestNoPasswordInLogs(t *testing.T) {
+	up := newUpstream(t, 0, nil)
+	closed := freeAddr(t)
+	host, port, _ := strings.Cut(closed, ":")
+	for _, dsn := range []string{
+		"postgres://app:hunter2-secret@" + closed + "/objects?sslmode=disable&connect_timeout=1",
+		"host=" + host + " port=" + port + " user=app password=hunter2-secret dbname=objects sslmode=disable connect_timeout=1",
+	} {
+		for _, format := range []string{"text", "json"} {
+			svc := startService(t, dsn, up.URL, "-log-format", format, "-grace", "200ms")
+			post(t, svc.base, idsBody(1, 2))
+			time.Sleep(1500 * time.Millisecond)
+			if err := svc.stop(); err != nil {
+				t.Fatal(err)
+			}
+			logs := svc.logs.String()
+			if strings.Contains(logs, "hunter2") {
+				t.Fatalf("password in the %s logs:\n%s", format, logs)
+			}
+			if !strings.Contains(logs, "database unavailable") {
+				t.Errorf("the %s logs do not say the database is unavailable:\n%s", format, logs)
+			}
+		}
+	}
+}
+
+func TestPprofListener(t *testing.T) {
+	up := newUpstream(t, 0, nil)
+	addr := freeAddr(t)
+	startService(t, "postgres://x@127.0.0.1:1/x?sslmode=disable", up.URL, "-pprof", addr)
+	resp, err := http.Get("http://" + addr + "/debug/pprof/cmdline")
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("pprof: %v %v", resp, err)
+	}
+	resp.Body.Close()
+}
+
+func TestHealthcheckFlag(t *testing.T) {
+	up := newUpstream(t, 0, nil)
+	svc := startService(t, "postgres://x@127.0.0.1:1/x?sslmode=disable", up.URL)
+	listen := strings.TrimPrefix(svc.base, "http://")
+	noenv := func(string) string { return "" }
+	if err := run(context.Background(), []string{"objtrack", "-healthcheck", "-listen", listen}, noenv, &bytes.Buffer{}); err != nil {
+		t.Errorf("healthcheck of a running service: %v", err)
+	}
+	if err := run(context.Background(), []string{"objtrack", "-healthcheck", "-listen", freeAddr(t)}, noenv, &bytes.Buffer{}); err == nil {
+		t.Error("healthcheck of nothing succeeded")
+	}
+}
+
+var (
+	helpLine   = regexp.MustCompile(`^# HELP ([a-z_]+) \S.*$`)
+	typeLine   = regexp.MustCompile(`^# TYPE ([a-z_]+) (counter|gauge|histogram)$`)
+	sampleLine = regexp.MustCompile(`^([a-z_]+)(\{[a-z_]+="[^"]*"\})? (\S+)$`)
+)
+
+// The exposition parses as Prometheus text format, names follow the
+// conventions, and the counters move when callbacks flow.
+func TestMetricsExposition(t *testing.T) {
+	dsn := testDSN(t)
+	up := newUpstream(t, 0, nil)
+	svc := startService(t, dsn, up.URL)
+	svc.waitReady(t)
+	postTimed(t, svc.base, 1, 2, 3, 4)
+	post(t, svc.base, "nonsense")
+	eventually(t, 5*time.Second, "callback applied", func() bool { return svc.metric(t, "objtrack_callbacks_applied_total") == 1 })
+
+	resp, err := http.Get(svc.base + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if ct := resp.Header.Get("Content-Type"); !strings.HasPrefix(ct, "text/plain; version=0.0.4") {
+		t.Errorf("Content-Type %q", ct)
+	}
+	var body bytes.Buffer
+	_, _ = body.ReadFrom(resp.Body)
+	types := map[string]string{}
+	lastBucket := map[string]float64{}
+	for _, line := range strings.Split(strings.TrimSuffix(body.String(), "\n"), "\n") {
+		if m := typeLine.FindStringSubmatch(line); m != nil {
+			types[m[1]] = m[2]
+			if m[2] == "counter" && !strings.HasSuffix(m[1], "_total") {
+				t.Errorf("counter %s does not end in _total", m[1])
+			}
+			continue
+		}
+		if helpLine.MatchString(line) {
+			continue
+		}
+		m := sampleLine.FindStringSubmatch(line)
+		if m == nil {
+			t.Errorf("unparseable line %q", line)
+			continue
+		}
+		v, err := strconv.ParseFloat(m[3], 64)
+		if err != nil {
+			t.Errorf("value in %q: %v", line, err)
+		}
+		name := m[1]
+		base := strings.TrimSuffix(strings.TrimSuffix(strings.TrimSuffix(name, "_bucket"), "_sum"), "_count")
+		if types[name] == "" && types[base] != "histogram" {
+			t.Errorf("sample %s has no TYPE line before it", name)
+		}
+		if strings.HasSuffix(name, "_bucket") {
+			if v < lastBucket[base] {
+				t.Errorf("histogram %s buckets not cumulative at %q", base, line)
+			}
+			lastBucket[base] = v
+		}
+	}
+	for name, want := range map[string]float64{
+		"objtrack_callbacks_accepted_total":                    1,
+		`objtrack_callbacks_rejected_total{reason="bad_json"}`: 1,
+		"objtrack_ids_received_total":                          4,
+		`objtrack_fetches_total{outcome="online"}`:             2,
+		`objtrack_fetches_total{outcome="offline"}`:            2,
+		"objtrack_rows_upserted_total":                         2,
+		"objtrack_journal_writes_total":                        1,
+		"objtrack_database_up":                                 1,
+		"objtrack_callback_completion_seconds_count":           1,
+		"objtrack_fetch_duration_seconds_count":                4,
+	} {
+		if got := svc.metric(t, name); got != want {
+			t.Errorf("%s = %v, want %v", name, got, want)
+		}
+	}
+}
+
+// /readyz follows the database: 503 with the reason while it is away, 200
+// once it is back; /healthz stays 200 throughout.
+func TestReadyzFollowsDatabase(t *testing.T) {
+	proxy := newTCPProxy(t, "")
+	dsn := proxy.dsn(t, testDSN(t))
+	proxy.setUp(true)
+	svc := startService(t, dsn, newUpstream(t, 0, nil).URL)
+	status := func(path string) int {
+		resp, err := http.Get(svc.base + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	eventually(t, 5*time.Second, "ready", func() bool { return status("/readyz") == 200 })
+	proxy.setUp(false)
+	eventually(t, 5*time.Second, "not ready while the database is away", func() bool { return status("/readyz") == 503 })
+	if status("/healthz") != 200 {
+		t.Error("healthz not 200 while the database is away")
+	}
+	_, body := getBody(t, svc.base+"/readyz")
+	if !strings.Contains(body, "database not available") {
+		t.Errorf("readyz body %q does not give the reason", body)
+	}
+	proxy.setUp(true)
+	eventually(t, 5*time.Second, "ready again", func() bool { return status("/readyz") == 200 })
+}
+
+func getBody(t *testing.T, url string) (int, string) {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var b bytes.Buffer
+	_, _ = b.ReadFrom(resp.Body)
+	return resp.StatusCode, b.String()
+}
