@@ -8,8 +8,8 @@ demo:
 test:
 	scripts/with-postgres go test -race -count=1 ./...
 
-bench:
-	scripts/with-postgres scripts/bench
+bench: build
+	scripts/with-postgres go run ./bench -service bin/objtrack -sim bin/sim
 
 build:
 	go build -o bin/objtrack . && go build -o bin/sim ./sim

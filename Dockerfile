@@ -1,0 +1,29 @@
+# syntax=docker/dockerfile:1
+# Build: static binaries, no cgo.
+FROM golang:1.26-bookworm AS build
+WORKDIR /src
+COPY go.mod go.sum ./
+RUN go mod download
+COPY . .
+RUN CGO_ENABLED=0 go build -trimpath -ldflags="-s -w" -o /out/objtrack . \
+ && CGO_ENABLED=0 go build -trimpath -ldflags="-s -w" -o /out/sim ./sim
+
+# The simulator (sender and object service) for the compose demo:
+#   docker build --target sim -t objtrack-sim .
+FROM scratch AS sim
+COPY --from=build /out/sim /sim
+USER 65532:65532
+EXPOSE 9010
+ENTRYPOINT ["/sim"]
+
+# The service: the final, default stage. A scratch image holding the binary
+# and CA certificates (for an https upstream), run as a non-root user.
+FROM scratch
+COPY --from=build /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
+COPY --from=build /out/objtrack /objtrack
+USER 65532:65532
+ENV OBJTRACK_LISTEN=:9090
+EXPOSE 9090
+# No shell or curl in the image: the binary checks its own /healthz.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 CMD ["/objtrack", "-healthcheck"]
+ENTRYPOINT ["/objtrack"]
