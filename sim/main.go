@@ -1,0 +1,503 @@
+// Command sim simulates both sides of the reference tester for objtrack: it
+// sends callbacks to the service (-target) and serves the slow object service
+// the service asks (-listen), and, given the database (-dsn), checks the
+// objects table against what it sent while the run goes on and at its end.
+//
+//	sim                              # reference load: a callback every 5 s
+//	sim -rate 20 -unique -ids-min 200 -duration 30s
+//	sim -mode upstream               # only the object service
+//	sim -mode ceiling -ceiling-target http://127.0.0.1:9010 -concurrency 1000
+//
+// It exits 0 when nothing was missed and the table was exact, 1 when not,
+// and 2 when it could not start.
+package main
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log"
+	"os"
+	"os/signal"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	_ "github.com/lib/pq"
+)
+
+type config struct {
+	mode          string
+	target        string
+	listen        string
+	dsn           string
+	rate          float64
+	idsMax        int
+	idsMin        int
+	idSpace       int64
+	unique        bool
+	online        string
+	latencyMin    time.Duration
+	latencyMax    time.Duration
+	duration      time.Duration
+	count         int
+	timeout       time.Duration
+	ttl           time.Duration
+	reapEvery     time.Duration
+	tol           time.Duration
+	poll          time.Duration
+	settle        time.Duration
+	checkExpiry   bool
+	faults        faults
+	statusEvery   time.Duration
+	json          bool
+	concurrency   int
+	ceilingTarget string
+}
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+func parseFlags(args []string, stderr io.Writer) (config, error) {
+	var c config
+	fs := flag.NewFlagSet("sim", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&c.mode, "mode", "run", "run: send callbacks, serve the object service and check the table; upstream: only serve the object service; ceiling: measure a bare client's GETs per second against the object service")
+	fs.StringVar(&c.target, "target", "http://localhost:9090/callback", "the service's callback URL")
+	fs.StringVar(&c.listen, "listen", "localhost:9010", "address of the simulated object service (empty: do not serve it)")
+	fs.StringVar(&c.dsn, "dsn", os.Getenv("DATABASE_URL"), "PostgreSQL DSN to check the objects table in (default $DATABASE_URL; empty: no table checks)")
+	fs.Float64Var(&c.rate, "rate", 0.2, "callbacks per second (open loop)")
+	fs.IntVar(&c.idsMax, "ids", 200, "most ids per callback")
+	fs.IntVar(&c.idsMin, "ids-min", 0, "fewest ids per callback")
+	fs.Int64Var(&c.idSpace, "id-space", 100, "ids are drawn from [0, id-space), with repeats")
+	fs.BoolVar(&c.unique, "unique", false, "never-repeating ids, counting up from a base taken from the clock, instead of -id-space")
+	fs.StringVar(&c.online, "online", "even", "which objects are online: even, odd, all or none")
+	fs.DurationVar(&c.latencyMin, "latency-min", 300*time.Millisecond, "shortest object-service answer time")
+	fs.DurationVar(&c.latencyMax, "latency-max", 4*time.Second, "longest object-service answer time")
+	fs.DurationVar(&c.duration, "duration", 2*time.Minute, "how long to send (0: until -count or Ctrl-C)")
+	fs.IntVar(&c.count, "count", 0, "stop after this many callbacks (0: no limit)")
+	fs.DurationVar(&c.timeout, "timeout", time.Second, "client timeout of one callback; no 2xx within it is a missed callback")
+	fs.DurationVar(&c.ttl, "ttl", 30*time.Second, "the service's -ttl")
+	fs.DurationVar(&c.reapEvery, "reap-every", time.Second, "the service's -reap-every")
+	fs.DurationVar(&c.tol, "tolerance", time.Second, "how far last_seen may be from a callback's receipt")
+	fs.DurationVar(&c.poll, "poll", 250*time.Millisecond, "shortest interval between table polls (it grows with the table, to keep the checker's load small)")
+	fs.DurationVar(&c.settle, "settle", 30*time.Second, "after the last callback, how long the table may take to become exact")
+	fs.BoolVar(&c.checkExpiry, "check-expiry", true, "after the run, wait out the TTL and check that every row of the run was reaped")
+	fs.Float64Var(&c.faults.status500, "fault-500", 0, "fraction of object-service answers that are 500")
+	fs.Float64Var(&c.faults.garbage, "fault-garbage", 0, "fraction of object-service answers that are invalid JSON")
+	fs.Float64Var(&c.faults.wrongID, "fault-wrong-id", 0, "fraction of object-service answers that name another id")
+	fs.Float64Var(&c.faults.hang, "fault-hang", 0, "fraction of object-service requests that never get an answer")
+	fs.Float64Var(&c.faults.drop, "fault-drop", 0, "fraction of object-service connections closed without an answer")
+	fs.DurationVar(&c.statusEvery, "status-every", 10*time.Second, "print a status line this often (0: never)")
+	fs.BoolVar(&c.json, "json", false, "end with one line 'SUMMARY {json}' on stdout, for scripts")
+	fs.IntVar(&c.concurrency, "concurrency", 1000, "ceiling mode: concurrent client requests")
+	fs.StringVar(&c.ceilingTarget, "ceiling-target", "", "ceiling mode: base URL of the object service (empty: serve one in this process on a free port)")
+	if err := fs.Parse(args); err != nil {
+		return c, err
+	}
+	switch {
+	case fs.NArg() > 0:
+		return c, fmt.Errorf("unexpected arguments: %q", fs.Args())
+	case c.mode != "run" && c.mode != "upstream" && c.mode != "ceiling":
+		return c, fmt.Errorf("-mode %q: want run, upstream or ceiling", c.mode)
+	case c.rate <= 0:
+		return c, errors.New("-rate must be positive")
+	case c.idsMin < 0 || c.idsMax < c.idsMin:
+		return c, errors.New("-ids-min and -ids must satisfy 0 <= ids-min <= ids")
+	case !c.unique && c.idSpace <= 0:
+		return c, errors.New("-id-space must be positive")
+	case c.latencyMin < 0 || c.latencyMax < c.latencyMin:
+		return c, errors.New("-latency-min and -latency-max must satisfy 0 <= min <= max")
+	case c.faults.status500 < 0 || c.faults.garbage < 0 || c.faults.wrongID < 0 || c.faults.hang < 0 || c.faults.drop < 0 || c.faults.total() > 1:
+		return c, errors.New("fault fractions must be >= 0 and add up to at most 1")
+	case c.concurrency <= 0:
+		return c, errors.New("-concurrency must be positive")
+	case c.poll <= 0 || c.timeout <= 0 || c.ttl <= 0:
+		return c, errors.New("-poll, -timeout and -ttl must be positive")
+	}
+	if onlineFunc(c.online) == nil {
+		return c, fmt.Errorf("-online %q: want even, odd, all or none", c.online)
+	}
+	return c, nil
+}
+
+func onlineFunc(name string) func(int64) bool {
+	switch name {
+	case "even":
+		return func(id int64) bool { return id%2 == 0 }
+	case "odd":
+		return func(id int64) bool { return id%2 != 0 }
+	case "all":
+		return func(int64) bool { return true }
+	case "none":
+		return func(int64) bool { return false }
+	}
+	return nil
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	c, err := parseFlags(args, stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintln(stderr, "sim:", err)
+		return 2
+	}
+	raiseFileLimit()
+
+	// The first signal ends sending and starts the final checks; a second
+	// one abandons them.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	sendCtx, stopSending := context.WithCancel(ctx)
+	defer stopSending()
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		<-sigs
+		fmt.Fprintln(stderr, "sim: interrupted: no more callbacks; final checks (interrupt again to skip them)")
+		stopSending()
+		<-sigs
+		cancel()
+	}()
+
+	objects := &objectService{latencyMin: c.latencyMin, latencyMax: c.latencyMax, online: onlineFunc(c.online), faults: c.faults}
+	switch c.mode {
+	case "upstream":
+		addr, err := serveObjects(ctx, c.listen, objects)
+		if err != nil {
+			fmt.Fprintln(stderr, "sim:", err)
+			return 2
+		}
+		fmt.Fprintf(stderr, "sim: object service on http://%s; Ctrl-C to stop\n", addr)
+		<-sendCtx.Done()
+		fmt.Fprintf(stderr, "sim: served %d requests (%d with injected faults)\n", objects.requests.Load(), objects.faulted.Load())
+		return 0
+	case "ceiling":
+		return runCeiling(ctx, c, objects, stdout, stderr)
+	}
+	return runLoad(ctx, sendCtx, c, objects, stdout, stderr)
+}
+
+func runCeiling(ctx context.Context, c config, objects *objectService, stdout, stderr io.Writer) int {
+	target := c.ceilingTarget
+	if target == "" {
+		addr, err := serveObjects(ctx, "127.0.0.1:0", objects)
+		if err != nil {
+			fmt.Fprintln(stderr, "sim:", err)
+			return 2
+		}
+		target = "http://" + addr
+	}
+	d := c.duration
+	if d <= 0 || d > 2*time.Minute {
+		d = 20 * time.Second
+	}
+	fmt.Fprintf(stderr, "sim: ceiling: %d concurrent GETs against %s for %s\n", c.concurrency, target, d)
+	ok, failed, window := ceiling(ctx, target, c.concurrency, d)
+	rps := float64(ok) / window.Seconds()
+	fmt.Fprintf(stderr, "sim: ceiling: %.0f GET/s at concurrency %d (%d answers in the last %s, %d errors)\n", rps, c.concurrency, ok, window.Round(time.Millisecond), failed)
+	if c.json {
+		printSummary(stdout, map[string]any{"requests_per_sec": rps, "errors": failed, "concurrency": c.concurrency, "pass": true})
+	}
+	return 0
+}
+
+// runLoad is the run mode: send, serve, poll the table, and judge.
+func runLoad(ctx, sendCtx context.Context, c config, objects *objectService, stdout, stderr io.Writer) int {
+	if c.listen != "" {
+		addr, err := serveObjects(ctx, c.listen, objects)
+		if err != nil {
+			fmt.Fprintln(stderr, "sim:", err)
+			return 2
+		}
+		fmt.Fprintf(stderr, "sim: object service on http://%s (latency %s-%s, online: %s)\n", addr, c.latencyMin, c.latencyMax, c.online)
+	}
+	runStart := time.Now()
+	check := newChecker(c.ttl, c.reapEvery, c.tol, c.timeout, onlineFunc(c.online), runStart)
+	s := newSender(c.target, c.timeout)
+	s.rate, s.idsMin, s.idsMax, s.idSpace, s.unique = c.rate, c.idsMin, c.idsMax, c.idSpace, c.unique
+	s.duration, s.count, s.check = c.duration, c.count, check
+	// A base far above any id space a person would type, distinct per run.
+	s.nextUnique = runStart.UnixMilli() * 1000
+
+	var p *poller
+	if c.dsn != "" {
+		db, err := sql.Open("postgres", c.dsn)
+		if err != nil {
+			fmt.Fprintln(stderr, "sim: -dsn:", err)
+			return 2
+		}
+		defer db.Close()
+		db.SetMaxOpenConns(2)
+		p = &poller{db: db, check: check, every: c.poll,
+			exact: make(chan struct{}), quit: make(chan struct{}), stopped: make(chan struct{})}
+		go p.loop(ctx)
+	} else {
+		fmt.Fprintln(stderr, "sim: no -dsn: the table is not checked, only the callbacks' answers")
+	}
+
+	fmt.Fprintf(stderr, "sim: sending to %s: %g callbacks/s, %d-%d ids each, for %s\n", c.target, c.rate, c.idsMin, c.idsMax, c.duration)
+	statusDone := make(chan struct{})
+	if c.statusEvery > 0 {
+		go func() {
+			t := time.NewTicker(c.statusEvery)
+			defer t.Stop()
+			for {
+				select {
+				case <-statusDone:
+					return
+				case <-t.C:
+					status(stderr, s, objects, p, check)
+				}
+			}
+		}()
+	}
+	defer close(statusDone)
+
+	first, last := s.run(sendCtx)
+	if p != nil {
+		p.sendingDone(last)
+		select {
+		case <-p.exact:
+		case <-time.After(c.settle):
+		case <-ctx.Done():
+		}
+	}
+	notReaped := 0
+	if p != nil && c.checkExpiry && ctx.Err() == nil && !last.IsZero() {
+		wait := time.Until(last.Add(c.ttl + c.reapEvery + c.tol + 500*time.Millisecond))
+		fmt.Fprintf(stderr, "sim: waiting %s for the reaper to empty the table\n", wait.Round(time.Second))
+		select {
+		case <-time.After(wait):
+			rows, err := p.snapshot(ctx)
+			if err != nil {
+				fmt.Fprintln(stderr, "sim: expiry check:", err)
+				notReaped = -1
+			} else {
+				notReaped = check.remaining(rows)
+			}
+		case <-ctx.Done():
+		}
+	}
+	if p != nil {
+		p.stop()
+	}
+	check.finish()
+	return report(c, s, objects, p, check, first, last, notReaped, stdout, stderr)
+}
+
+func status(w io.Writer, s *sender, objects *objectService, p *poller, check *checker) {
+	v := check.verdict()
+	line := fmt.Sprintf("sim: %s sent=%d accepted=%d failed=%d upstream=%d", time.Now().Format("15:04:05"),
+		s.sentN.Load(), s.acceptedN.Load(), s.failedN.Load(), objects.requests.Load())
+	if p != nil {
+		line += fmt.Sprintf(" rows=%d table_errors=%d lost=%d poll_failures=%d", p.rows.Load(), v.tableErrors, v.lostIDs, p.failures.Load())
+	}
+	fmt.Fprintln(w, line)
+}
+
+func report(c config, s *sender, objects *objectService, p *poller, check *checker, first, last time.Time, notReaped int, stdout, stderr io.Writer) int {
+	v := check.verdict()
+	p50, p99, maxAck := s.ackPercentiles()
+	sent, accepted, failed := s.sentN.Load(), s.acceptedN.Load(), s.failedN.Load()
+	span := last.Sub(first)
+	if span < time.Duration(float64(time.Second)/c.rate) {
+		span = time.Duration(float64(time.Second) / c.rate)
+	}
+	reqs := objects.requests.Load()
+	catchup := -1.0
+	pollFailures := int64(0)
+	if p != nil {
+		if at := p.exactAt(); !at.IsZero() {
+			catchup = float64(at.Sub(last).Microseconds()) / 1000
+		}
+		pollFailures = p.failures.Load()
+	}
+	missed := failed + int64(v.lostCbs)
+	pass := missed == 0 && v.tableErrors == 0 && notReaped == 0 && (p == nil || catchup >= 0)
+	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+	sum := map[string]any{
+		"sent": sent, "accepted": accepted, "failed": failed, "missed": missed,
+		"ack_p50_ms": ms(p50), "ack_p99_ms": ms(p99), "ack_max_ms": ms(maxAck),
+		"ids_sent": s.idsN.Load(), "upstream_requests": reqs,
+		"upstream_per_id": ratio(float64(reqs), float64(s.idsN.Load())),
+		"upstream_per_sec": ratio(float64(reqs), span.Seconds()),
+		"upstream_faults":  objects.faulted.Load(),
+		"catchup_ms":       catchup, "table_errors": v.tableErrors, "lost": v.lostIDs,
+		"not_reaped": notReaped, "poll_failures": pollFailures, "pass": pass,
+		"duration_s": span.Seconds(),
+	}
+
+	out := stderr
+	if !c.json {
+		out = stdout
+	}
+	fmt.Fprintf(out, "sim: sent %d callbacks (%d ids) in %s: %d accepted, %d failed", sent, s.idsN.Load(), span.Round(time.Millisecond), accepted, failed)
+	if f, ok := s.firstFailure.Load().(string); ok {
+		fmt.Fprintf(out, " (first: %s)", f)
+	}
+	fmt.Fprintf(out, "\nsim: answer time p50 %s, p99 %s, max %s\n", p50.Round(time.Microsecond), p99.Round(time.Microsecond), maxAck.Round(time.Microsecond))
+	fmt.Fprintf(out, "sim: object service: %d requests (%.4f per id sent, %.0f/s), %d with injected faults\n",
+		reqs, sum["upstream_per_id"], sum["upstream_per_sec"], objects.faulted.Load())
+	if p != nil {
+		catch := "never within -settle"
+		if catchup >= 0 {
+			catch = fmt.Sprintf("%.2fs after the last callback", catchup/1000)
+		}
+		fmt.Fprintf(out, "sim: table exact %s; %d table errors %s; %d online ids lost from %d callbacks; %d polls failed\n",
+			catch, v.tableErrors, v.byKind, v.lostIDs, v.lostCbs, pollFailures)
+		switch {
+		case !c.checkExpiry:
+		case notReaped < 0:
+			fmt.Fprintln(out, "sim: expiry check could not run")
+		default:
+			fmt.Fprintf(out, "sim: %d rows of the run left after TTL + reap interval\n", notReaped)
+		}
+		for _, e := range v.examples {
+			fmt.Fprintln(out, "sim:   ", e)
+		}
+	}
+	verdictWord := "PASS"
+	if !pass {
+		verdictWord = "FAIL"
+	}
+	fmt.Fprintf(out, "sim: %s: %d missed callbacks\n", verdictWord, missed)
+	if c.json {
+		printSummary(stdout, sum)
+	}
+	if !pass {
+		return 1
+	}
+	return 0
+}
+
+func ratio(a, b float64) float64 {
+	if b == 0 {
+		return 0
+	}
+	return a / b
+}
+
+func printSummary(w io.Writer, sum map[string]any) {
+	b, _ := json.Marshal(sum)
+	fmt.Fprintf(w, "SUMMARY %s\n", b)
+}
+
+// poller snapshots the table from the first callback to the end and hands
+// each snapshot to the checker.
+type poller struct {
+	db       *sql.DB
+	check    *checker
+	every    time.Duration
+	exact    chan struct{} // closed at the first exact snapshot after sending
+	rows     atomic.Int64
+	failures atomic.Int64
+
+	mu       sync.Mutex
+	done     bool
+	last     time.Time
+	exactT   time.Time
+	stopped  chan struct{}
+	stopOnce sync.Once
+	quit     chan struct{}
+}
+
+func (p *poller) sendingDone(last time.Time) {
+	p.mu.Lock()
+	p.done, p.last = true, last
+	p.mu.Unlock()
+}
+
+func (p *poller) exactAt() time.Time {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.exactT
+}
+
+func (p *poller) stop() {
+	p.stopOnce.Do(func() { close(p.quit) })
+	<-p.stopped
+}
+
+func (p *poller) snapshot(ctx context.Context) ([]row, error) {
+	lo, hi, ok := p.check.idRange()
+	if !ok {
+		return nil, nil
+	}
+	qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	rs, err := p.db.QueryContext(qctx, `SELECT id, last_seen FROM objects WHERE id BETWEEN $1 AND $2`, lo, hi)
+	if err != nil {
+		return nil, fmt.Errorf("poll the objects table: %w", err)
+	}
+	defer rs.Close()
+	var rows []row
+	for rs.Next() {
+		var r row
+		if err := rs.Scan(&r.id, &r.lastSeen); err != nil {
+			return nil, fmt.Errorf("poll the objects table: %w", err)
+		}
+		rows = append(rows, r)
+	}
+	if err := rs.Err(); err != nil {
+		return nil, fmt.Errorf("poll the objects table: %w", err)
+	}
+	return rows, nil
+}
+
+func (p *poller) loop(ctx context.Context) {
+	defer close(p.stopped)
+	var lastErr string
+	for {
+		at := time.Now()
+		rows, err := p.snapshot(ctx)
+		took := time.Since(at)
+		if err != nil {
+			p.failures.Add(1)
+			if err.Error() != lastErr {
+				fmt.Fprintf(os.Stderr, "sim: %v (the checker keeps polling)\n", err)
+				lastErr = err.Error()
+			}
+		} else {
+			lastErr = ""
+			p.rows.Store(int64(len(rows)))
+			exact := p.check.observe(at, rows)
+			p.check.checkLost(at)
+			p.mu.Lock()
+			if exact && p.done && p.exactT.IsZero() && !p.last.IsZero() {
+				p.exactT = at
+				close(p.exact)
+			}
+			p.mu.Unlock()
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-p.quit:
+			return
+		case <-time.After(max(p.every, 3*took)):
+		}
+	}
+}
+
+// raiseFileLimit lifts the soft open-files limit to the hard one: the
+// object service holds a connection per in-flight fetch of the service.
+func raiseFileLimit() {
+	var lim syscall.Rlimit
+	if syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim) == nil && lim.Cur < lim.Max {
+		lim.Cur = lim.Max
+		_ = syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim)
+	}
+}
+
+// quietLog keeps the HTTP server's per-connection errors (clients that hang
+// up, which the fault injection does on purpose) out of the output.
+func quietLog() *log.Logger { return log.New(io.Discard, "", 0) }

@@ -1,0 +1,174 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// faults are the fractions of object-service answers that go wrong.
+type faults struct {
+	status500, garbage, wrongID, hang, drop float64
+}
+
+func (f faults) total() float64 { return f.status500 + f.garbage + f.wrongID + f.hang + f.drop }
+
+// objectService plays the slow object service: GET /objects/{id} answers
+// {"id":N,"online":B} after a random latency, or misbehaves by fraction.
+type objectService struct {
+	latencyMin, latencyMax time.Duration
+	online                 func(int64) bool
+	faults                 faults
+	requests               atomic.Int64
+	faulted                atomic.Int64
+	inFlight               atomic.Int64
+	peakInFlight           atomic.Int64
+}
+
+func (o *objectService) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	o.requests.Add(1)
+	n := o.inFlight.Add(1)
+	defer o.inFlight.Add(-1)
+	for {
+		peak := o.peakInFlight.Load()
+		if n <= peak || o.peakInFlight.CompareAndSwap(peak, n) {
+			break
+		}
+	}
+	id, err := strconv.ParseInt(r.PathValue("id"), 10, 64)
+	if err != nil {
+		http.Error(w, `{"error":"id must be an integer"}`, http.StatusBadRequest)
+		return
+	}
+	delay := o.latencyMin
+	if span := o.latencyMax - o.latencyMin; span > 0 {
+		delay += rand.N(span)
+	}
+	t := time.NewTimer(delay)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-r.Context().Done():
+		return
+	}
+
+	x := rand.Float64()
+	f := o.faults
+	if x < f.total() {
+		o.faulted.Add(1)
+	}
+	switch {
+	case x < f.status500:
+		http.Error(w, `{"error":"injected"}`, http.StatusInternalServerError)
+		return
+	case x < f.status500+f.garbage:
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, `{"id":`+strconv.FormatInt(id, 10)+`,"onl`)
+		return
+	case x < f.status500+f.garbage+f.wrongID:
+		id++
+	case x < f.status500+f.garbage+f.wrongID+f.hang:
+		// Never answer: hold the request until the client gives up.
+		<-r.Context().Done()
+		return
+	case x < f.total():
+		if hj, ok := w.(http.Hijacker); ok {
+			if conn, _, err := hj.Hijack(); err == nil {
+				conn.Close()
+				return
+			}
+		}
+		panic(http.ErrAbortHandler)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	body := make([]byte, 0, 48)
+	body = append(body, `{"id":`...)
+	body = strconv.AppendInt(body, id, 10)
+	body = append(body, `,"online":`...)
+	body = strconv.AppendBool(body, o.online(id))
+	body = append(body, '}')
+	w.Write(body)
+}
+
+// serveObjects starts the object service on addr and returns its address.
+// It stops when ctx ends.
+func serveObjects(ctx context.Context, addr string, o *objectService) (string, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return "", fmt.Errorf("object service: listen on %s: %w", addr, err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("GET /objects/{id}", o)
+	srv := &http.Server{
+		Handler:           mux,
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		ErrorLog:          quietLog(),
+	}
+	go srv.Serve(ln)
+	go func() {
+		<-ctx.Done()
+		srv.Close()
+	}()
+	return ln.Addr().String(), nil
+}
+
+// ceiling measures what a bare client gets from the object service at
+// target: concurrency workers GET ids in a closed loop for d, over one
+// transport sized like the service's. Only answers in the last three
+// quarters count, so connection set-up and the workers' synchronised start
+// do not drag the rate down.
+func ceiling(ctx context.Context, target string, concurrency int, d time.Duration) (ok, failed int64, window time.Duration) {
+	tr := &http.Transport{
+		MaxIdleConns:        concurrency,
+		MaxIdleConnsPerHost: concurrency,
+		IdleConnTimeout:     90 * time.Second,
+		DialContext:         (&net.Dialer{Timeout: 5 * time.Second}).DialContext,
+	}
+	defer tr.CloseIdleConnections()
+	client := &http.Client{Transport: tr, Timeout: 10 * time.Second}
+	ctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	var okN, failN atomic.Int64
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	start := time.Now()
+	warm := d / 4
+	for range concurrency {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for ctx.Err() == nil {
+				id := next.Add(1)
+				req, _ := http.NewRequestWithContext(ctx, http.MethodGet, target+"/objects/"+strconv.FormatInt(id, 10), nil)
+				resp, err := client.Do(req)
+				if err != nil {
+					if ctx.Err() == nil {
+						failN.Add(1)
+					}
+					continue
+				}
+				_, err = io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if err != nil || resp.StatusCode != http.StatusOK {
+					if ctx.Err() == nil {
+						failN.Add(1)
+					}
+					continue
+				}
+				if time.Since(start) >= warm {
+					okN.Add(1)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	return okN.Load(), failN.Load(), time.Since(start) - warm
+}

@@ -1,0 +1,164 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"slices"
+	"sort"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// sender plays the callback sender: an open loop that POSTs a callback at
+// every tick of the schedule whether or not earlier ones have answered, each
+// with its own client timeout, as the reference tester does.
+type sender struct {
+	target           string
+	rate             float64
+	idsMin, idsMax   int
+	idSpace          int64
+	unique           bool
+	nextUnique       int64
+	timeout          time.Duration
+	duration         time.Duration
+	count            int
+	check            *checker
+	client           *http.Client
+	sentN, acceptedN atomic.Int64
+	failedN, idsN    atomic.Int64
+	firstFailure     atomic.Value // string
+
+	mu   sync.Mutex
+	acks []time.Duration
+}
+
+func newSender(target string, timeout time.Duration) *sender {
+	tr := &http.Transport{
+		MaxIdleConns:        1024,
+		MaxIdleConnsPerHost: 1024,
+		IdleConnTimeout:     90 * time.Second,
+		DialContext:         (&net.Dialer{Timeout: timeout}).DialContext,
+	}
+	return &sender{target: target, timeout: timeout, client: &http.Client{Transport: tr, Timeout: timeout}}
+}
+
+// ids draws the ids of the next callback: a count in [idsMin, idsMax], from
+// [0, idSpace) with repeats, or never-repeating ones counting up.
+func (s *sender) ids() []int64 {
+	n := s.idsMin
+	if s.idsMax > s.idsMin {
+		n += rand.IntN(s.idsMax - s.idsMin + 1)
+	}
+	ids := make([]int64, n)
+	for i := range ids {
+		if s.unique {
+			ids[i] = s.nextUnique
+			s.nextUnique++
+		} else {
+			ids[i] = rand.Int64N(s.idSpace)
+		}
+	}
+	return ids
+}
+
+// run sends until the duration or count is reached or ctx ends, then waits
+// for the answers still outstanding. It returns when the last callback was
+// sent.
+func (s *sender) run(ctx context.Context) (first, last time.Time) {
+	var wg sync.WaitGroup
+	start := time.Now()
+	timer := time.NewTimer(0)
+	defer timer.Stop()
+	for i := 0; s.count == 0 || i < s.count; i++ {
+		at := start.Add(time.Duration(float64(i) / s.rate * float64(time.Second)))
+		if s.duration > 0 && at.Sub(start) >= s.duration {
+			break
+		}
+		timer.Reset(time.Until(at))
+		select {
+		case <-ctx.Done():
+			wg.Wait()
+			return first, last
+		case <-timer.C:
+		}
+		ids := s.ids()
+		body := encode(ids)
+		sendAt := time.Now()
+		if first.IsZero() {
+			first = sendAt
+		}
+		last = sendAt
+		idx := s.check.sent(sendAt, dedupe(ids))
+		s.sentN.Add(1)
+		s.idsN.Add(int64(len(ids)))
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			s.send(idx, sendAt, body)
+		}()
+	}
+	wg.Wait()
+	return first, last
+}
+
+func (s *sender) send(idx int, sendAt time.Time, body []byte) {
+	resp, err := s.client.Post(s.target, "application/json", bytes.NewReader(body))
+	ok := false
+	reason := ""
+	if err != nil {
+		reason = err.Error()
+	} else {
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		ok = resp.StatusCode >= 200 && resp.StatusCode < 300
+		reason = resp.Status
+	}
+	end := time.Now()
+	s.check.answered(idx, end, ok)
+	s.mu.Lock()
+	s.acks = append(s.acks, end.Sub(sendAt))
+	s.mu.Unlock()
+	if ok {
+		s.acceptedN.Add(1)
+		return
+	}
+	s.failedN.Add(1)
+	s.firstFailure.CompareAndSwap(nil, reason)
+}
+
+// ackPercentiles returns p50, p99 and the maximum answer time.
+func (s *sender) ackPercentiles() (p50, p99, maxd time.Duration) {
+	s.mu.Lock()
+	acks := slices.Clone(s.acks)
+	s.mu.Unlock()
+	if len(acks) == 0 {
+		return 0, 0, 0
+	}
+	sort.Slice(acks, func(i, j int) bool { return acks[i] < acks[j] })
+	at := func(q float64) time.Duration { return acks[min(len(acks)-1, int(q*float64(len(acks))))] }
+	return at(0.50), at(0.99), acks[len(acks)-1]
+}
+
+func encode(ids []int64) []byte {
+	b := make([]byte, 0, 16+len(ids)*8)
+	b = append(b, `{"object_ids":[`...)
+	for i, id := range ids {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = strconv.AppendInt(b, id, 10)
+	}
+	return append(b, "]}"...)
+}
+
+func dedupe(ids []int64) []int64 {
+	out := slices.Clone(ids)
+	slices.Sort(out)
+	return slices.Compact(out)
+}

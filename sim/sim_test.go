@@ -1,0 +1,276 @@
+package main
+
+import (
+	"bytes"
+	"database/sql"
+	"encoding/json"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"strings"
+	"testing"
+	"time"
+)
+
+var t0 = time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC)
+
+func at(d time.Duration) time.Time { return t0.Add(d) }
+
+const sec = time.Second
+
+// newTestChecker has a run that started 10 s before t0, with the reference
+// TTL, reap interval, tolerance and timeout, and even ids online.
+func newTestChecker(t *testing.T) *checker {
+	t.Helper()
+	return newChecker(30*sec, sec, sec, sec, onlineFunc("even"), at(-10*sec))
+}
+
+func TestCheckerSnapshots(t *testing.T) {
+	type cb struct {
+		sendAt   time.Duration
+		ids      []int64
+		accepted bool
+	}
+	cases := []struct {
+		name      string
+		cbs       []cb
+		poll      time.Duration
+		rows      map[int64]time.Duration
+		wantExact bool
+		wantErrs  string // verdict().byKind
+	}{
+		{"exact", []cb{{0, []int64{2, 3}, true}}, 3 * sec, map[int64]time.Duration{2: 1 * time.Millisecond}, true, ""},
+		{"online id missing", []cb{{0, []int64{2, 3}, true}}, 3 * sec, nil, false, ""},
+		{"offline id stored", []cb{{0, []int64{2, 3}, true}}, 3 * sec, map[int64]time.Duration{2: 0, 3: 0}, true, "offline_stored=1"},
+		{"time of no callback", []cb{{0, []int64{2}, true}}, 3 * sec, map[int64]time.Duration{2: -5 * sec}, false, "wrong_time=1"},
+		{"time in the future", []cb{{0, []int64{2}, true}}, 3 * sec, map[int64]time.Duration{2: 5 * sec}, true, "future=1"},
+		{"outlived the TTL", []cb{{0, []int64{2}, true}}, 33 * sec, map[int64]time.Duration{2: 0}, true, "outlived_ttl=1"},
+		{"reaped after the TTL", []cb{{0, []int64{2}, true}}, 33 * sec, nil, true, ""},
+		{"foreign ids and old rows ignored", []cb{{0, []int64{2}, true}}, 3 * sec, map[int64]time.Duration{2: 0, 4: 0, 1: -5 * sec}, true, ""},
+		{"older callback's time is stale", []cb{{0, []int64{2}, true}, {5 * sec, []int64{2}, true}}, 7 * sec, map[int64]time.Duration{2: 0}, false, ""},
+		{"latest callback's time", []cb{{0, []int64{2}, true}, {5 * sec, []int64{2}, true}}, 7 * sec, map[int64]time.Duration{2: 5 * sec}, true, ""},
+		{"failed callback may still have been received", []cb{{0, []int64{2}, true}, {5 * sec, []int64{2}, false}}, 7 * sec, map[int64]time.Duration{2: 5*sec + 500*time.Millisecond}, true, ""},
+		{"within tolerance", []cb{{0, []int64{2}, true}}, 3 * sec, map[int64]time.Duration{2: -900 * time.Millisecond}, true, ""},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			c := newTestChecker(t)
+			for _, x := range tc.cbs {
+				idx := c.sent(at(x.sendAt), x.ids)
+				c.answered(idx, at(x.sendAt+5*time.Millisecond), x.accepted)
+			}
+			var rows []row
+			for id, ls := range tc.rows {
+				rows = append(rows, row{id, at(ls)})
+			}
+			if got := c.observe(at(tc.poll), rows); got != tc.wantExact {
+				t.Errorf("exact = %v, want %v", got, tc.wantExact)
+			}
+			if v := c.verdict(); v.byKind != tc.wantErrs {
+				t.Errorf("table errors %q, want %q (%v)", v.byKind, tc.wantErrs, v.examples)
+			}
+		})
+	}
+}
+
+func TestCheckerPendingCallbackIsNotExact(t *testing.T) {
+	c := newTestChecker(t)
+	c.sent(at(0), []int64{3})
+	if c.observe(at(sec), nil) {
+		t.Fatal("exact while a callback has no answer yet")
+	}
+}
+
+func TestCheckerLost(t *testing.T) {
+	cases := []struct {
+		name     string
+		seenAt   time.Duration // when the row was observed; <0: never
+		lastSeen time.Duration
+		wantLost int
+	}{
+		{"seen with its time", 3 * sec, 0, 0},
+		{"seen with a later time", 3 * sec, 4 * sec, 0},
+		{"never seen", -1, 0, 1},
+		{"seen only with an older time", 3 * sec, -5 * sec, 1},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			c := newTestChecker(t)
+			// Callbacks are recorded in send order.
+			if tc.lastSeen < 0 {
+				c.answered(c.sent(at(tc.lastSeen), []int64{2}), at(tc.lastSeen), true)
+			}
+			c.answered(c.sent(at(0), []int64{2, 3}), at(10*time.Millisecond), true)
+			if tc.lastSeen > 0 {
+				c.answered(c.sent(at(tc.lastSeen), []int64{2}), at(tc.lastSeen), true)
+			}
+			if tc.seenAt >= 0 {
+				c.observe(at(tc.seenAt), []row{{2, at(tc.lastSeen)}})
+			}
+			c.checkLost(at(29 * sec)) // before the TTL ran out: nothing judged yet
+			if v := c.verdict(); v.lostIDs != 0 {
+				t.Fatalf("lost judged before the deadline: %+v", v)
+			}
+			c.checkLost(at(31 * sec))
+			if v := c.verdict(); v.lostIDs != tc.wantLost {
+				t.Errorf("lost ids = %d, want %d (%v)", v.lostIDs, tc.wantLost, v.examples)
+			}
+		})
+	}
+}
+
+func TestCheckerFinishJudgesTheRest(t *testing.T) {
+	c := newTestChecker(t)
+	c.answered(c.sent(at(0), []int64{2}), at(time.Millisecond), true)
+	c.answered(c.sent(at(sec), []int64{4}), at(sec), false) // never accepted: not judged
+	c.observe(at(2*sec), nil)
+	c.finish()
+	if v := c.verdict(); v.lostIDs != 1 || v.lostCbs != 1 {
+		t.Fatalf("verdict %+v, want one lost id of one callback", v)
+	}
+}
+
+func TestFlags(t *testing.T) {
+	cases := []struct {
+		args []string
+		want string // substring of the error; "" for none
+	}{
+		{nil, ""},
+		{[]string{"-rate", "0"}, "-rate"},
+		{[]string{"-ids-min", "5", "-ids", "2"}, "ids-min"},
+		{[]string{"-online", "sometimes"}, "-online"},
+		{[]string{"-fault-500", "0.7", "-fault-hang", "0.5"}, "fault"},
+		{[]string{"-mode", "fast"}, "-mode"},
+		{[]string{"-latency-min", "2s", "-latency-max", "1s"}, "latency"},
+		{[]string{"extra"}, "unexpected"},
+	}
+	for _, tc := range cases {
+		_, err := parseFlags(tc.args, &bytes.Buffer{})
+		switch {
+		case tc.want == "" && err != nil:
+			t.Errorf("%q: %v", tc.args, err)
+		case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+			t.Errorf("%q: error %v, want one about %s", tc.args, err, tc.want)
+		}
+	}
+}
+
+func TestObjectServiceAnswers(t *testing.T) {
+	o := &objectService{online: onlineFunc("even")}
+	mux := http.NewServeMux()
+	mux.Handle("GET /objects/{id}", o)
+	srv := httptest.NewServer(mux)
+	t.Cleanup(srv.Close)
+	for id, want := range map[string]bool{"7": false, "8": true} {
+		resp, err := http.Get(srv.URL + "/objects/" + id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var body struct {
+			ID     int64 `json:"id"`
+			Online bool  `json:"online"`
+		}
+		err = json.NewDecoder(resp.Body).Decode(&body)
+		resp.Body.Close()
+		if err != nil || resp.StatusCode != 200 || body.Online != want {
+			t.Errorf("GET /objects/%s: %d %+v %v, want online=%v", id, resp.StatusCode, body, err, want)
+		}
+	}
+}
+
+func TestObjectServiceFaults(t *testing.T) {
+	cases := []struct {
+		name  string
+		f     faults
+		check func(*http.Response, error) bool
+	}{
+		{"500", faults{status500: 1}, func(r *http.Response, err error) bool { return err == nil && r.StatusCode == 500 }},
+		{"garbage", faults{garbage: 1}, func(r *http.Response, err error) bool {
+			var v map[string]any
+			return err == nil && r.StatusCode == 200 && json.NewDecoder(r.Body).Decode(&v) != nil
+		}},
+		{"wrong id", faults{wrongID: 1}, func(r *http.Response, err error) bool {
+			var v struct{ ID int64 }
+			return err == nil && json.NewDecoder(r.Body).Decode(&v) == nil && v.ID == 5
+		}},
+		{"hang", faults{hang: 1}, func(r *http.Response, err error) bool { return err != nil }},
+		{"drop", faults{drop: 1}, func(r *http.Response, err error) bool { return err != nil }},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			o := &objectService{online: onlineFunc("all"), faults: tc.f}
+			mux := http.NewServeMux()
+			mux.Handle("GET /objects/{id}", o)
+			srv := httptest.NewServer(mux)
+			t.Cleanup(srv.Close)
+			client := &http.Client{Timeout: 300 * time.Millisecond}
+			resp, err := client.Get(srv.URL + "/objects/4")
+			if !tc.check(resp, err) {
+				t.Errorf("fault %s not injected: %v %v", tc.name, resp, err)
+			}
+			if err == nil {
+				resp.Body.Close()
+			}
+		})
+	}
+}
+
+// A service that accepts callbacks but never stores anything must fail the
+// run: the online ids are missing from the table.
+func TestRunFailsWhenNothingIsStored(t *testing.T) {
+	dsn := os.Getenv("DATABASE_URL")
+	if dsn == "" {
+		if os.Getenv("CI") != "" {
+			t.Fatal("DATABASE_URL is not set in CI")
+		}
+		t.Skip("DATABASE_URL not set")
+	}
+	db, err := sql.Open("postgres", dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	if _, err := db.Exec(`CREATE TABLE IF NOT EXISTS objects (id BIGINT PRIMARY KEY, last_seen TIMESTAMPTZ NOT NULL)`); err != nil {
+		t.Fatalf("database from DATABASE_URL: %v", err)
+	}
+	blackHole := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusAccepted)
+	}))
+	t.Cleanup(blackHole.Close)
+	var out, errOut bytes.Buffer
+	code := run([]string{"-target", blackHole.URL, "-listen", "", "-dsn", dsn, "-unique", "-ids-min", "4", "-ids", "4",
+		"-rate", "20", "-count", "5", "-settle", "1s", "-check-expiry=false", "-json", "-status-every", "0"}, &out, &errOut)
+	if code != 1 {
+		t.Fatalf("exit %d, want 1\n%s%s", code, out.String(), errOut.String())
+	}
+	var sum struct {
+		Sent, Missed, Lost int
+		Catchup            float64 `json:"catchup_ms"`
+	}
+	line, _ := strings.CutPrefix(strings.TrimSpace(out.String()), "SUMMARY ")
+	if err := json.Unmarshal([]byte(line), &sum); err != nil {
+		t.Fatalf("summary %q: %v", out.String(), err)
+	}
+	if sum.Sent != 5 || sum.Missed != 5 || sum.Lost != 10 || sum.Catchup != -1 {
+		t.Errorf("summary %+v, want 5 sent, 5 missed, 10 lost ids, never exact", sum)
+	}
+}
+
+// Callbacks that get no 2xx within the timeout are missed.
+func TestRunCountsUnansweredCallbacks(t *testing.T) {
+	slow := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if strings.Contains(r.URL.Path, "slow") {
+			time.Sleep(300 * time.Millisecond)
+		}
+		w.WriteHeader(http.StatusServiceUnavailable)
+	}))
+	t.Cleanup(slow.Close)
+	for _, path := range []string{"/slow", "/unavailable"} {
+		var out, errOut bytes.Buffer
+		code := run([]string{"-target", slow.URL + path, "-listen", "", "-dsn", "", "-timeout", "100ms",
+			"-rate", "50", "-count", "3", "-status-every", "0"}, &out, &errOut)
+		if code != 1 || !strings.Contains(out.String(), "FAIL: 3 missed") {
+			t.Errorf("%s: exit %d, want 1 with 3 missed:\n%s%s", path, code, out.String(), errOut.String())
+		}
+	}
+}
