@@ -328,7 +328,7 @@ func report(c config, s *sender, objects *objectService, p *poller, check *check
 		"sent": sent, "accepted": accepted, "failed": failed, "missed": missed,
 		"ack_p50_ms": ms(p50), "ack_p99_ms": ms(p99), "ack_max_ms": ms(maxAck),
 		"ids_sent": s.idsN.Load(), "upstream_requests": reqs,
-		"upstream_per_id": ratio(float64(reqs), float64(s.idsN.Load())),
+		"upstream_per_id":  ratio(float64(reqs), float64(s.idsN.Load())),
 		"upstream_per_sec": ratio(float64(reqs), span.Seconds()),
 		"upstream_faults":  objects.faulted.Load(),
 		"catchup_ms":       catchup, "table_errors": v.tableErrors, "lost": v.lostIDs,
