@@ -1,6 +1,6 @@
 # Each target runs against DATABASE_URL if set, otherwise against a throwaway
 # PostgreSQL that scripts/with-postgres starts and removes.
-.PHONY: demo test bench build fuzz
+.PHONY: demo test bench gobench build fuzz
 
 demo:
 	scripts/with-postgres scripts/demo
@@ -10,6 +10,11 @@ test:
 
 bench: build
 	scripts/with-postgres go run ./bench -service bin/objtrack -sim bin/sim
+
+# Go benchmarks of the decoder, the handler, the fetch path and the upsert
+# path; compare runs with benchstat.
+gobench:
+	scripts/with-postgres go test -run '^$$' -bench . -benchmem -count 6 .
 
 build:
 	go build -o bin/objtrack . && go build -o bin/sim ./sim

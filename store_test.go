@@ -7,7 +7,7 @@ import (
 )
 
 // dbParts are components on the test's own schema, with the schema applied.
-func dbParts(t *testing.T, args ...string) *parts {
+func dbParts(t testing.TB, args ...string) *parts {
 	t.Helper()
 	dsn := testDSN(t)
 	p := newParts(t, testConfig(t, append(args, "-dsn", dsn)...), nil)

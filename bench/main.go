@@ -132,7 +132,7 @@ func run() error {
 	var ceiling summary
 	if bestUnique != nil {
 		fmt.Fprintf(os.Stderr, "bench: ceiling at concurrency %d ...\n", bestUnique.peakFlight)
-		c, err := runSim(ctx, *sim, []string{"-mode", "ceiling", "-concurrency", fmt.Sprint(max(bestUnique.peakFlight, 1)), "-duration", "20s", "-json"})
+		c, err := measureCeiling(ctx, *sim, max(bestUnique.peakFlight, 1))
 		if err != nil {
 			return fmt.Errorf("ceiling: %w", err)
 		}
@@ -246,6 +246,36 @@ func measure(ctx context.Context, service, sim, dsn string, l load) (result, err
 		res.held = true
 	}
 	return res, nil
+}
+
+// measureCeiling runs the simulated object service in one process and a
+// bare client in another, as the service and the simulator are during the
+// loads, so each side has the same file-descriptor budget it had there.
+func measureCeiling(ctx context.Context, sim string, concurrency int64) (summary, error) {
+	addr := freeAddr()
+	up := exec.CommandContext(ctx, sim, "-mode", "upstream", "-listen", addr)
+	up.Stderr = os.Stderr
+	if err := up.Start(); err != nil {
+		return summary{}, fmt.Errorf("start the object service: %w", err)
+	}
+	defer func() {
+		_ = up.Process.Signal(os.Interrupt)
+		_ = up.Wait()
+	}()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		conn, err := net.Dial("tcp", addr)
+		if err == nil {
+			conn.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			return summary{}, fmt.Errorf("object service did not come up: %w", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return runSim(ctx, sim, []string{"-mode", "ceiling", "-ceiling-target", "http://" + addr,
+		"-concurrency", fmt.Sprint(concurrency), "-duration", "20s", "-json"})
 }
 
 // runSim runs the simulator and returns its SUMMARY line; a failing verdict

@@ -1,0 +1,145 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// Benchmarks of the hot paths, for benchstat:
+//
+//	make gobench
+//
+// The load benchmark of the whole service is make bench (./bench).
+
+func randomBody(n int) []byte {
+	ids := make([]int64, n)
+	for i := range ids {
+		ids[i] = rand.Int64N(1 << 40)
+	}
+	return []byte(idsBody(ids...))
+}
+
+func BenchmarkDecodeCallback(b *testing.B) {
+	for _, n := range []int{10, 200, 10000} {
+		body := randomBody(n)
+		b.Run(fmt.Sprintf("ids=%d", n), func(b *testing.B) {
+			b.SetBytes(int64(len(body)))
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, err := decodeCallback(bytes.NewReader(body), 10000); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// instantObjects answers every lookup at once, in memory: even ids online.
+type instantObjects struct{}
+
+func (instantObjects) RoundTrip(r *http.Request) (*http.Response, error) {
+	id := r.URL.Path[strings.LastIndexByte(r.URL.Path, '/')+1:]
+	n, _ := strconv.ParseInt(id, 10, 64)
+	body := `{"id":` + id + `,"online":` + strconv.FormatBool(n%2 == 0) + `}`
+	return &http.Response{StatusCode: 200, Body: io.NopCloser(strings.NewReader(body)), Header: http.Header{}, Request: r}, nil
+}
+
+// BenchmarkCallbackHandler is one POST /callback of 200 ids through the
+// handler, journal write included, with callbacks posted from parallel
+// goroutines as senders do. The pipeline works in the background (lookups
+// answered in memory, upserts to the real database), so its cost is in the
+// figures too; the benchmark fails if the backlog ever fills.
+func BenchmarkCallbackHandler(b *testing.B) {
+	dsn := testDSN(b)
+	cfg := testConfig(b, "-dsn", dsn, "-upstream", "http://objects.invalid")
+	p := newParts(b, cfg, instantObjects{})
+	if err := p.store.applySchema(context.Background()); err != nil {
+		b.Fatal(err)
+	}
+	p.store.setUp(nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	var loops sync.WaitGroup
+	for _, loop := range []func(context.Context){p.store.runJournalWriter, p.store.runJournalWriter, p.store.runApplyWriter, p.store.runApplyWriter} {
+		loops.Add(1)
+		go func() { defer loops.Done(); loop(ctx) }()
+	}
+	b.Cleanup(func() { cancel(); loops.Wait() })
+
+	bodies := make([][]byte, 64)
+	for i := range bodies {
+		bodies[i] = randomBody(200)
+	}
+	b.ReportAllocs()
+	b.SetParallelism(8)
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		i := rand.IntN(len(bodies))
+		for pb.Next() {
+			rec := httptest.NewRecorder()
+			req := httptest.NewRequest(http.MethodPost, "/callback", bytes.NewReader(bodies[i%len(bodies)]))
+			p.handler.ServeHTTP(rec, req)
+			if rec.Code != http.StatusAccepted || !strings.Contains(rec.Body.String(), `"journaled":true`) {
+				b.Errorf("status %d %s, want 202 journaled", rec.Code, rec.Body)
+				return
+			}
+			i++
+		}
+	})
+}
+
+// BenchmarkApply is the upsert path: one statement per batch of callbacks,
+// rows per second by batch size. Ids come from a pool of 100 000, so a run
+// mixes inserts with updates that move last_seen forward.
+func BenchmarkApply(b *testing.B) {
+	p := dbParts(b)
+	for _, rows := range []int{100, 1000, 10000} {
+		b.Run(fmt.Sprintf("rows=%d", rows), func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				batch := make([]*storeReq, rows/100)
+				for i := range batch {
+					ids := make([]int64, 100)
+					for j := range ids {
+						ids[j] = rand.Int64N(100000)
+					}
+					cb := newCallback(time.Now().Truncate(time.Microsecond), dedupe(ids))
+					batch[i] = &storeReq{cb: cb, online: cb.ids, final: true}
+				}
+				if _, _, err := p.store.applyBatch(context.Background(), batch); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.ReportMetric(float64(rows*b.N)/b.Elapsed().Seconds(), "rows/s")
+		})
+	}
+}
+
+// BenchmarkLookup is the fetch path with the network taken out: a callback
+// of 200 new ids through the semaphore, the flights and the answer check.
+func BenchmarkLookup(b *testing.B) {
+	p := newParts(b, testConfig(b, "-upstream", "http://objects.invalid"), instantObjects{})
+	next := int64(0)
+	b.ReportAllocs()
+	for b.Loop() {
+		ids := make([]int64, 200)
+		for i := range ids {
+			next++
+			ids[i] = next
+		}
+		cb := newCallback(time.Now(), ids)
+		var wg sync.WaitGroup
+		p.fetcher.lookupAll(context.Background(), cb, &wg)
+		wg.Wait()
+	}
+	b.ReportMetric(float64(200*b.N)/b.Elapsed().Seconds(), "fetches/s")
+}
