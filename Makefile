@@ -1,6 +1,6 @@
 # Each target runs against DATABASE_URL if set, otherwise against a throwaway
 # PostgreSQL that scripts/with-postgres starts and removes.
-.PHONY: demo test bench gobench build fuzz
+.PHONY: demo test bench gobench drills build fuzz
 
 demo:
 	scripts/with-postgres scripts/demo
@@ -15,6 +15,11 @@ bench: build
 # path; compare runs with benchstat.
 gobench:
 	scripts/with-postgres go test -run '^$$' -bench . -benchmem -count 6 .
+
+# Failure drills: SIGKILL and restart, PostgreSQL outage, cold start without
+# PostgreSQL, object-service faults (about 6 minutes).
+drills:
+	scripts/with-postgres scripts/drills
 
 build:
 	go build -o bin/objtrack . && go build -o bin/sim ./sim

@@ -264,6 +264,7 @@ func startService(t testing.TB, dsn, upstreamURL string, extra ...string) *servi
 	eventually(t, 10*time.Second, "service /healthz", func() bool {
 		select {
 		case err := <-done:
+			done <- err // for stop, which the cleanup calls
 			t.Fatalf("service exited at start: %v\n%s", err, logs.String())
 		default:
 		}

@@ -54,8 +54,9 @@ type Store struct {
 	up       atomic.Bool // schema applied and the last check reached the server
 	mu       sync.Mutex
 	downWhy  error
-	told     bool      // the current state has been logged
-	lastWarn time.Time // rate-limits the warnings of the write paths
+	told     bool          // the current state has been logged
+	checked  chan struct{} // closed when the first connection attempt has an outcome
+	lastWarn time.Time     // rate-limits the warnings of the write paths
 }
 
 // storeReq is one callback waiting for a writer goroutine.
@@ -91,6 +92,7 @@ func newStore(cfg config, log *slog.Logger, m *metrics) (*Store, error) {
 		journalQ:       make(chan *storeReq, 1024),
 		applyQ:         make(chan *storeReq, 1024),
 		downWhy:        errors.New("not connected yet"),
+		checked:        make(chan struct{}),
 	}
 	return s, nil
 }
@@ -156,6 +158,9 @@ func (s *Store) setUp(err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	changed := !s.told || s.up.Load() != (err == nil)
+	if !s.told {
+		close(s.checked)
+	}
 	s.told = true
 	s.downWhy = err
 	s.up.Store(err == nil)
@@ -251,7 +256,17 @@ func (s *Store) warn(msg string, args ...any) {
 // A nil error means the callback survives a crash of this instance.
 func (s *Store) Journal(ctx context.Context, cb *callback) error {
 	if err := s.Ready(); err != nil {
-		return err // fail fast: no point making the sender wait for a dead database
+		// Right after start the first connection may still be under way:
+		// wait for its outcome within ctx. Once the database is known to be
+		// down, fail fast: no point making the sender wait for it.
+		select {
+		case <-s.checked:
+		case <-ctx.Done():
+			return err
+		}
+		if err := s.Ready(); err != nil {
+			return err
+		}
 	}
 	return s.enqueue(ctx, s.journalQ, &storeReq{cb: cb})
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"testing"
 	"time"
 )
@@ -201,3 +202,40 @@ func TestParkedCallbacksAreClaimableAtOnce(t *testing.T) {
 
 // testDSNOf returns the DSN the parts were built with.
 func testDSNOf(p *parts) string { return p.cfg.dsn }
+
+// A journal write that comes while the first connection to PostgreSQL is
+// still being made waits for its outcome (within its context) instead of
+// failing at once, so the first callbacks after a start are journaled.
+func TestJournalWaitsForTheFirstConnection(t *testing.T) {
+	dsn := testDSN(t)
+	p := newParts(t, testConfig(t, "-dsn", dsn), nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	go p.store.runJournalWriter(ctx)
+
+	done := make(chan error, 1)
+	go func() {
+		jctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		done <- p.store.Journal(jctx, newCallback(time.Now(), []int64{1}))
+	}()
+	time.Sleep(200 * time.Millisecond) // the connection attempt takes a while
+	select {
+	case err := <-done:
+		t.Fatalf("journal write returned before the first connection: %v", err)
+	default:
+	}
+	p.store.setUp(p.store.applySchema(ctx))
+	if err := <-done; err != nil {
+		t.Fatalf("journal write after the first connection: %v", err)
+	}
+
+	// Once the database is known to be down, writes fail at once.
+	p.store.setUp(errors.New("down"))
+	start := time.Now()
+	jctx, cancel2 := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel2()
+	if err := p.store.Journal(jctx, newCallback(time.Now(), []int64{2})); err == nil || time.Since(start) > time.Second {
+		t.Fatalf("journal write with the database down: %v after %s, want a fast error", err, time.Since(start))
+	}
+}
