@@ -97,7 +97,7 @@ func run() error {
 
 	loads := []load{
 		{name: "reference", rate: 0.2, simArgs: []string{"-rate", "0.2", "-ids", "200", "-id-space", "100", "-duration", refDuration.String()}},
-		{name: "duplicate-heavy", rate: 200, simArgs: []string{"-rate", "200", "-ids", "200", "-id-space", "100", "-duration", duration.String()}},
+		{name: "duplicate-heavy", rate: 200, simArgs: []string{"-rate", "200", "-ids", "200", "-ids-min", "200", "-id-space", "100", "-duration", duration.String()}},
 	}
 	for _, r := range strings.Split(*rates, ",") {
 		rate, err := strconv.ParseFloat(strings.TrimSpace(r), 64)
