@@ -53,14 +53,32 @@ type waiter struct {
 	wg   *sync.WaitGroup
 }
 
+// maxDials bounds the connections to the object service being opened at
+// once.
+const maxDials = 64
+
 // newFetcher builds the fetcher with one transport tuned for many concurrent
 // requests to a single host. A nil transport means the tuned default.
 func newFetcher(cfg config, transport http.RoundTripper, log *slog.Logger, m *metrics, g *guard) *Fetcher {
 	if transport == nil {
 		dialer := &net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}
+		// A burst of new ids (a start, a takeover of many journal rows)
+		// would open thousands of connections at once, overflow the object
+		// service's accept queue and starve the handler of CPU. Bounding
+		// the dials in progress smooths that out, and requests that wait
+		// for a dial often get a connection another request freed instead.
+		dials := make(chan struct{}, maxDials)
 		transport = &http.Transport{
-			Proxy:       http.ProxyFromEnvironment,
-			DialContext: dialer.DialContext,
+			Proxy: http.ProxyFromEnvironment,
+			DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+				select {
+				case dials <- struct{}{}:
+				case <-ctx.Done():
+					return nil, ctx.Err()
+				}
+				defer func() { <-dials }()
+				return dialer.DialContext(ctx, network, addr)
+			},
 			// Every fetch slot may hold a connection; with the default of 2
 			// idle connections per host almost every request would dial.
 			MaxIdleConns:          cfg.maxInflight,
