@@ -98,29 +98,38 @@ func BenchmarkCallbackHandler(b *testing.B) {
 }
 
 // BenchmarkApply is the upsert path: one statement per batch of callbacks,
-// rows per second by batch size. Ids come from a pool of 100 000, so a run
-// mixes inserts with updates that move last_seen forward.
+// rows per second by batch size and by the size of the table. Ids come from
+// twice the table's range, so about half are updates that move last_seen
+// forward and half are inserts.
 func BenchmarkApply(b *testing.B) {
-	p := dbParts(b)
-	for _, rows := range []int{100, 1000, 10000} {
-		b.Run(fmt.Sprintf("rows=%d", rows), func(b *testing.B) {
-			b.ReportAllocs()
-			for b.Loop() {
-				batch := make([]*storeReq, rows/100)
-				for i := range batch {
-					ids := make([]int64, 100)
-					for j := range ids {
-						ids[j] = rand.Int64N(100000)
+	for _, table := range []int{100000, 1000000} {
+		p := dbParts(b)
+		if _, err := p.store.db.Exec(`INSERT INTO objects SELECT g, now() - interval '10 seconds' FROM generate_series(0, $1 - 1) g`, table); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := p.store.db.Exec(`VACUUM ANALYZE objects`); err != nil {
+			b.Fatal(err)
+		}
+		for _, rows := range []int{100, 1000, 10000} {
+			b.Run(fmt.Sprintf("table=%d/rows=%d", table, rows), func(b *testing.B) {
+				b.ReportAllocs()
+				for b.Loop() {
+					batch := make([]*storeReq, rows/100)
+					for i := range batch {
+						ids := make([]int64, 100)
+						for j := range ids {
+							ids[j] = rand.Int64N(2 * int64(table))
+						}
+						cb := newCallback(time.Now().Truncate(time.Microsecond), dedupe(ids))
+						batch[i] = &storeReq{cb: cb, online: cb.ids, final: true}
 					}
-					cb := newCallback(time.Now().Truncate(time.Microsecond), dedupe(ids))
-					batch[i] = &storeReq{cb: cb, online: cb.ids, final: true}
+					if _, _, err := p.store.applyBatch(context.Background(), batch); err != nil {
+						b.Fatal(err)
+					}
 				}
-				if _, _, err := p.store.applyBatch(context.Background(), batch); err != nil {
-					b.Fatal(err)
-				}
-			}
-			b.ReportMetric(float64(rows*b.N)/b.Elapsed().Seconds(), "rows/s")
-		})
+				b.ReportMetric(float64(rows*b.N)/b.Elapsed().Seconds(), "rows/s")
+			})
+		}
 	}
 }
 
