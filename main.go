@@ -320,6 +320,11 @@ func healthcheck(listen string) error {
 // redactDSN hides the password in either DSN form so it can be logged.
 func redactDSN(dsn string) string {
 	if u, err := url.Parse(dsn); err == nil && u.Scheme != "" {
+		// lib/pq also takes the password as a query parameter.
+		if q := u.Query(); q.Has("password") {
+			q.Set("password", "xxxxx")
+			u.RawQuery = q.Encode()
+		}
 		return u.Redacted()
 	}
 	fields := strings.Fields(dsn)

@@ -77,6 +77,7 @@ func TestRedactDSN(t *testing.T) {
 	for _, dsn := range []string{
 		"postgres://app:s3cr3t@db:5432/objects?sslmode=disable",
 		"host=db user=app password=s3cr3t dbname=objects",
+		"postgres://app@db/objects?password=s3cr3t&sslmode=disable",
 	} {
 		if got := redactDSN(dsn); strings.Contains(got, "s3cr3t") {
 			t.Errorf("redactDSN(%q) = %q", dsn, got)
