@@ -1,14 +1,15 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net/http"
-	"strconv"
 	"time"
 )
 
@@ -89,31 +90,15 @@ type badRequest struct {
 func (e *badRequest) Error() string { return e.msg }
 
 type callbackBody struct {
-	ObjectIDs *[]objectID `json:"object_ids"`
-}
-
-// objectID accepts only a JSON integer that fits int64: not a string, not
-// null, not 1.0 or 1e3.
-type objectID int64
-
-func (id *objectID) UnmarshalJSON(b []byte) error {
-	if len(b) == 0 || (b[0] != '-' && (b[0] < '0' || b[0] > '9')) {
-		return &badRequest{http.StatusBadRequest, "bad_id", fmt.Sprintf("object_ids: %.40s is not an integer", b)}
-	}
-	n, err := strconv.ParseInt(string(b), 10, 64)
-	if err != nil {
-		if errors.Is(err, strconv.ErrRange) {
-			return &badRequest{http.StatusBadRequest, "bad_id", fmt.Sprintf("object_ids: %.40s is out of range for a 64-bit integer", b)}
-		}
-		return &badRequest{http.StatusBadRequest, "bad_id", fmt.Sprintf("object_ids: %.40s is not an integer", b)}
-	}
-	*id = objectID(n)
-	return nil
+	// Kept raw: encoding/json would go through reflection for every id;
+	// parseIDs reads the array in one pass.
+	ObjectIDs json.RawMessage `json:"object_ids"`
 }
 
 // decodeCallback reads {"object_ids":[...]} and returns the ids sorted and
 // without duplicates. Unknown fields are ignored; anything else that is not
-// exactly one JSON object with an array of integers is a *badRequest.
+// exactly one JSON object with an array of integers that fit int64 (not a
+// string, not null, not 1.0 or 1e3) is a *badRequest.
 func decodeCallback(body io.Reader, maxIDs int) ([]int64, error) {
 	dec := json.NewDecoder(body)
 	var cb callbackBody
@@ -126,19 +111,89 @@ func decodeCallback(body io.Reader, maxIDs int) ([]int64, error) {
 		}
 		return nil, &badRequest{http.StatusBadRequest, "bad_json", "trailing data after the JSON object"}
 	}
-	if cb.ObjectIDs == nil {
+	raw := cb.ObjectIDs
+	if len(raw) == 0 || string(raw) == "null" {
 		return nil, &badRequest{http.StatusBadRequest, "bad_json", `missing "object_ids": want {"object_ids": [1, 2, 3]}`}
 	}
-	raw := *cb.ObjectIDs
-	if len(raw) > maxIDs {
-		return nil, &badRequest{http.StatusRequestEntityTooLarge, "too_many_ids", fmt.Sprintf("%d object ids, at most %d allowed", len(raw), maxIDs)}
+	if raw[0] != '[' {
+		return nil, &badRequest{http.StatusBadRequest, "bad_json", fmt.Sprintf("object_ids: got %.40s, want an array of integers", raw)}
 	}
-	ids := make([]int64, len(raw))
-	for i, id := range raw {
-		ids[i] = int64(id)
+	ids, err := parseIDs(raw, maxIDs)
+	if err != nil {
+		return nil, err
 	}
 	return dedupe(ids), nil
 }
+
+// parseIDs reads a JSON array that the decoder has already found valid, so
+// it only has to tell integers from every other kind of element.
+func parseIDs(raw []byte, maxIDs int) ([]int64, error) {
+	ids := make([]int64, 0, min(maxIDs, bytes.Count(raw, []byte{','})+1))
+	i := 1 // after '['
+	for {
+		for i < len(raw) && isSpace(raw[i]) {
+			i++
+		}
+		if raw[i] == ']' {
+			return ids, nil // only an empty array gets here
+		}
+		start := i
+		for i < len(raw) && raw[i] != ',' && raw[i] != ']' && !isSpace(raw[i]) && raw[i] != '[' && raw[i] != '{' && raw[i] != '"' {
+			i++
+		}
+		if i == start || i < len(raw) && (raw[i] == '[' || raw[i] == '{' || raw[i] == '"') {
+			return nil, &badRequest{http.StatusBadRequest, "bad_id", fmt.Sprintf("object_ids: %.40s is not an integer", raw[start:])}
+		}
+		if len(ids) == maxIDs {
+			return nil, &badRequest{http.StatusRequestEntityTooLarge, "too_many_ids", fmt.Sprintf("more than %d object ids; at most %d allowed", maxIDs, maxIDs)}
+		}
+		id, err := parseID(raw[start:i])
+		if err != nil {
+			return nil, err
+		}
+		ids = append(ids, id)
+		for i < len(raw) && isSpace(raw[i]) {
+			i++
+		}
+		if raw[i] == ']' {
+			return ids, nil
+		}
+		i++ // ','
+	}
+}
+
+// parseID reads one JSON number token as an int64.
+func parseID(tok []byte) (int64, error) {
+	neg := tok[0] == '-'
+	digits := tok
+	if neg {
+		digits = tok[1:]
+	}
+	if len(digits) == 0 {
+		return 0, &badRequest{http.StatusBadRequest, "bad_id", fmt.Sprintf("object_ids: %.40s is not an integer", tok)}
+	}
+	limit := uint64(math.MaxInt64)
+	if neg {
+		limit++
+	}
+	var n uint64
+	for _, c := range digits {
+		if c < '0' || c > '9' {
+			return 0, &badRequest{http.StatusBadRequest, "bad_id", fmt.Sprintf("object_ids: %.40s is not an integer", tok)}
+		}
+		d := uint64(c - '0')
+		if n > (limit-d)/10 {
+			return 0, &badRequest{http.StatusBadRequest, "bad_id", fmt.Sprintf("object_ids: %.40s is out of range for a 64-bit integer", tok)}
+		}
+		n = n*10 + d
+	}
+	if neg {
+		return int64(-n), nil
+	}
+	return int64(n), nil
+}
+
+func isSpace(c byte) bool { return c == ' ' || c == '\t' || c == '\n' || c == '\r' }
 
 func decodeError(err error) error {
 	var (

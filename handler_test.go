@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -146,7 +147,8 @@ func TestPanicInHandlerIs500(t *testing.T) {
 }
 
 // FuzzDecodeCallback: the decoder never panics, accepts only valid JSON,
-// returns sorted unique ids within the limit, and rejects with a 4xx.
+// returns sorted unique ids within the limit, rejects with a 4xx, and agrees
+// with encoding/json plus strconv about which ids a body holds.
 func FuzzDecodeCallback(f *testing.F) {
 	for _, s := range []string{
 		`{"object_ids":[1,2,3]}`, `{"object_ids":[]}`, `{"object_ids":[1.5]}`, `{"object_ids":["1"]}`,
@@ -169,6 +171,26 @@ func FuzzDecodeCallback(f *testing.F) {
 		}
 		if len(ids) > 50 || !slices.IsSorted(ids) || len(slices.Compact(slices.Clone(ids))) != len(ids) {
 			t.Fatalf("ids %v: want sorted, unique, at most 50", ids)
+		}
+		var ref struct {
+			ObjectIDs []json.Number `json:"object_ids"`
+		}
+		dec := json.NewDecoder(strings.NewReader(string(body)))
+		dec.UseNumber()
+		if err := dec.Decode(&ref); err != nil {
+			t.Fatalf("accepted %q, which encoding/json rejects: %v", body, err)
+		}
+		var want []int64
+		for _, n := range ref.ObjectIDs {
+			id, err := strconv.ParseInt(string(n), 10, 64)
+			if err != nil {
+				t.Fatalf("accepted %q with id %s: %v", body, n, err)
+			}
+			want = append(want, id)
+		}
+		slices.Sort(want)
+		if want = slices.Compact(want); !slices.Equal(ids, want) && len(ids)+len(want) > 0 {
+			t.Fatalf("%q: ids %v, encoding/json says %v", body, ids, want)
 		}
 	})
 }
