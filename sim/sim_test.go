@@ -5,10 +5,13 @@ import (
 	"database/sql"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -220,31 +223,14 @@ func TestObjectServiceFaults(t *testing.T) {
 // A service that accepts callbacks but never stores anything must fail the
 // run: the online ids are missing from the table.
 func TestRunFailsWhenNothingIsStored(t *testing.T) {
-	dsn := os.Getenv("DATABASE_URL")
-	if dsn == "" {
-		if os.Getenv("CI") != "" {
-			t.Fatal("DATABASE_URL is not set in CI")
-		}
-		t.Skip("DATABASE_URL not set")
-	}
-	// A schema of its own, so the test never touches a real objects table.
+	dsn := testSchema(t)
 	db, err := sql.Open("postgres", dsn)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { db.Close() })
-	schema := fmt.Sprintf("sim_test_%d", os.Getpid())
-	if _, err := db.Exec(`CREATE SCHEMA ` + schema + `; CREATE TABLE ` + schema + `.objects (id BIGINT PRIMARY KEY, last_seen TIMESTAMPTZ NOT NULL)`); err != nil {
-		t.Fatalf("database from DATABASE_URL: %v", err)
-	}
-	t.Cleanup(func() { db.Exec(`DROP SCHEMA ` + schema + ` CASCADE`) })
-	if u, err := url.Parse(dsn); err == nil && u.Scheme != "" {
-		q := u.Query()
-		q.Set("search_path", schema)
-		u.RawQuery = q.Encode()
-		dsn = u.String()
-	} else {
-		dsn += " search_path=" + schema
+	if _, err := db.Exec(`CREATE TABLE objects (id BIGINT PRIMARY KEY, last_seen TIMESTAMPTZ NOT NULL)`); err != nil {
+		t.Fatal(err)
 	}
 	blackHole := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(http.StatusAccepted)
@@ -286,4 +272,105 @@ func TestRunCountsUnansweredCallbacks(t *testing.T) {
 			t.Errorf("%s: exit %d, want 1 with 3 missed:\n%s%s", path, code, out.String(), errOut.String())
 		}
 	}
+}
+
+// The real service, built from the repository root, under the simulator:
+// a short run of never-repeating ids with a 5 s TTL, checked live, for
+// exactness at the end, and for expiry after the TTL.
+func TestServiceUnderSimulator(t *testing.T) {
+	dsn := testSchema(t)
+	bin := filepath.Join(t.TempDir(), "objtrack")
+	if out, err := exec.Command("go", "build", "-o", bin, "..").CombinedOutput(); err != nil {
+		t.Fatalf("build the service: %v\n%s", err, out)
+	}
+	svcAddr, objAddr := freeAddr(t), freeAddr(t)
+	var logs bytes.Buffer
+	svc := exec.Command(bin, "-listen", svcAddr, "-upstream", "http://"+objAddr, "-dsn", dsn, "-ttl", "5s", "-log-level", "warn")
+	svc.Stdout, svc.Stderr = &logs, &logs
+	if err := svc.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		svc.Process.Signal(os.Interrupt)
+		svc.Wait()
+		if t.Failed() {
+			t.Logf("service log:\n%s", logs.String())
+		}
+	})
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		resp, err := http.Get("http://" + svcAddr + "/readyz")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("service not ready: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+
+	var out, errOut bytes.Buffer
+	code := run([]string{"-target", "http://" + svcAddr + "/callback", "-listen", objAddr, "-dsn", dsn,
+		"-rate", "20", "-unique", "-ids-min", "50", "-ids", "50", "-duration", "5s",
+		"-latency-min", "50ms", "-latency-max", "500ms", "-ttl", "5s", "-settle", "10s",
+		"-json", "-status-every", "0"}, &out, &errOut)
+	var sum struct {
+		Sent, Accepted, Missed, Lost int
+		TableErrors                  int     `json:"table_errors"`
+		NotReaped                    int     `json:"not_reaped"`
+		Catchup                      float64 `json:"catchup_ms"`
+		Pass                         bool
+	}
+	line, _ := strings.CutPrefix(strings.TrimSpace(out.String()), "SUMMARY ")
+	if err := json.Unmarshal([]byte(line), &sum); err != nil {
+		t.Fatalf("summary %q: %v\n%s", out.String(), err, errOut.String())
+	}
+	if code != 0 || !sum.Pass || sum.Sent != 100 || sum.Accepted != 100 || sum.Missed != 0 || sum.Lost != 0 ||
+		sum.TableErrors != 0 || sum.NotReaped != 0 || sum.Catchup < 0 {
+		t.Fatalf("exit %d, summary %+v, want a pass with 100 accepted\n%s", code, sum, errOut.String())
+	}
+}
+
+// testSchema gives the test a schema of its own in the database of
+// DATABASE_URL and returns a DSN that uses it. Without DATABASE_URL the test
+// is skipped, unless CI is set: there it fails.
+func testSchema(t *testing.T) string {
+	t.Helper()
+	dsn := os.Getenv("DATABASE_URL")
+	if dsn == "" {
+		if os.Getenv("CI") != "" {
+			t.Fatal("DATABASE_URL is not set in CI")
+		}
+		t.Skip("DATABASE_URL not set")
+	}
+	db, err := sql.Open("postgres", dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	schema := fmt.Sprintf("sim_test_%d_%d", os.Getpid(), time.Now().UnixNano()%1e9)
+	if _, err := db.Exec(`CREATE SCHEMA ` + schema); err != nil {
+		t.Fatalf("database from DATABASE_URL: %v", err)
+	}
+	t.Cleanup(func() { db.Exec(`DROP SCHEMA ` + schema + ` CASCADE`) })
+	if u, err := url.Parse(dsn); err == nil && u.Scheme != "" {
+		q := u.Query()
+		q.Set("search_path", schema)
+		u.RawQuery = q.Encode()
+		return u.String()
+	}
+	return dsn + " search_path=" + schema
+}
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
 }
