@@ -76,6 +76,7 @@ func handleCallback(cfg config, pipe *pipeline, store *Store, m *metrics, log *s
 		m.idsReceived.Add(uint64(len(ids)))
 		log.Debug("callback accepted", "journal_id", cb.id, "ids", len(ids), "journaled", cb.journaled)
 		writeJSON(w, http.StatusAccepted, acceptedBody{Status: "accepted", IDs: len(ids), Journaled: cb.journaled})
+		m.answer.Observe(time.Since(receivedAt).Seconds())
 	})
 }
 

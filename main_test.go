@@ -209,6 +209,7 @@ func TestMetricsExposition(t *testing.T) {
 		"objtrack_database_up":                                 1,
 		"objtrack_callback_completion_seconds_count":           1,
 		"objtrack_fetch_duration_seconds_count":                4,
+		"objtrack_callback_answer_seconds_count":               1,
 	} {
 		if got := svc.metric(t, name); got != want {
 			t.Errorf("%s = %v, want %v", name, got, want)

@@ -38,6 +38,7 @@ type metrics struct {
 
 	fetchLatency *histogram
 	completion   *histogram
+	answer       *histogram
 
 	all []exported
 }
@@ -63,6 +64,7 @@ func newMetrics() *metrics {
 		dbErrors:          newLabeled("op", dbOps),
 		fetchLatency:      newHistogram(0.005, 0.025, 0.1, 0.25, 0.5, 1, 2, 3, 4, 5, 10),
 		completion:        newHistogram(0.1, 0.5, 1, 2, 3, 4, 5, 7.5, 10, 15, 20, 30),
+		answer:            newHistogram(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1),
 	}
 	m.all = []exported{
 		{"objtrack_callbacks_accepted_total", "Callbacks answered 202.", "counter", &m.callbacksAccepted},
@@ -89,6 +91,7 @@ func newMetrics() *metrics {
 		{"objtrack_database_up", "1 when PostgreSQL is reachable and the schema applied.", "gauge", &m.databaseUp},
 		{"objtrack_fetch_duration_seconds", "Time for one request to the object service.", "histogram", m.fetchLatency},
 		{"objtrack_callback_completion_seconds", "Time from receiving a callback to committing its objects.", "histogram", m.completion},
+		{"objtrack_callback_answer_seconds", "Time from receiving a callback to writing its 202 (senders give up after 1s).", "histogram", m.answer},
 	}
 	return m
 }
