@@ -63,10 +63,10 @@ func newFetcher(cfg config, transport http.RoundTripper, log *slog.Logger, m *me
 	if transport == nil {
 		dialer := &net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}
 		// A burst of new ids (a start, a takeover of many journal rows)
-		// would open thousands of connections at once, overflow the object
-		// service's accept queue and starve the handler of CPU. Bounding
-		// the dials in progress smooths that out, and requests that wait
-		// for a dial often get a connection another request freed instead.
+		// would open thousands of connections at once and take the CPU the
+		// handler needs to answer in time. Bounding the dials in progress
+		// spreads them out, and a request waiting for a dial often gets a
+		// connection another request freed instead.
 		dials := make(chan struct{}, maxDials)
 		transport = &http.Transport{
 			Proxy: http.ProxyFromEnvironment,
