@@ -28,20 +28,10 @@ type objectService struct {
 	faults                 faults
 	requests               atomic.Int64
 	faulted                atomic.Int64
-	inFlight               atomic.Int64
-	peakInFlight           atomic.Int64
 }
 
 func (o *objectService) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	o.requests.Add(1)
-	n := o.inFlight.Add(1)
-	defer o.inFlight.Add(-1)
-	for {
-		peak := o.peakInFlight.Load()
-		if n <= peak || o.peakInFlight.CompareAndSwap(peak, n) {
-			break
-		}
-	}
 	id, err := strconv.ParseInt(r.PathValue("id"), 10, 64)
 	if err != nil {
 		http.Error(w, `{"error":"id must be an integer"}`, http.StatusBadRequest)
