@@ -81,8 +81,13 @@ func newFetcher(cfg config, transport http.RoundTripper, log *slog.Logger, m *me
 			},
 			// Every fetch slot may hold a connection; with the default of 2
 			// idle connections per host almost every request would dial.
-			MaxIdleConns:          cfg.maxInflight,
-			MaxIdleConnsPerHost:   cfg.maxInflight,
+			MaxIdleConns:        cfg.maxInflight,
+			MaxIdleConnsPerHost: cfg.maxInflight,
+			// Idle and dialing connections count too: without this cap, a
+			// request that took a freed connection while its own dial was
+			// under way leaves one more idle socket, and the total can grow
+			// past the open-file limit that -max-inflight was sized to.
+			MaxConnsPerHost:       cfg.maxInflight,
 			IdleConnTimeout:       90 * time.Second,
 			TLSHandshakeTimeout:   2 * time.Second,
 			ResponseHeaderTimeout: cfg.fetchTimeout,

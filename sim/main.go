@@ -201,9 +201,12 @@ func runCeiling(ctx context.Context, c config, objects *objectService, stdout, s
 		d = 20 * time.Second
 	}
 	fmt.Fprintf(stderr, "sim: ceiling: %d concurrent GETs against %s for %s\n", c.concurrency, target, d)
-	ok, failed, window := ceiling(ctx, target, c.concurrency, d)
+	ok, failed, window, firstErr := ceiling(ctx, target, c.concurrency, d)
 	rps := float64(ok) / window.Seconds()
 	fmt.Fprintf(stderr, "sim: ceiling: %.0f GET/s at concurrency %d (%d answers in the last %s, %d errors)\n", rps, c.concurrency, ok, window.Round(time.Millisecond), failed)
+	if firstErr != "" {
+		fmt.Fprintf(stderr, "sim: ceiling: first error: %s\n", firstErr)
+	}
 	if c.json {
 		printSummary(stdout, map[string]any{"requests_per_sec": rps, "errors": failed, "concurrency": c.concurrency, "pass": true})
 	}

@@ -115,10 +115,11 @@ func serveObjects(ctx context.Context, addr string, o *objectService) (string, e
 // transport sized like the service's. Only answers in the last three
 // quarters count, so connection set-up and the workers' synchronised start
 // do not drag the rate down.
-func ceiling(ctx context.Context, target string, concurrency int, d time.Duration) (ok, failed int64, window time.Duration) {
+func ceiling(ctx context.Context, target string, concurrency int, d time.Duration) (ok, failed int64, window time.Duration, firstErr string) {
 	tr := &http.Transport{
 		MaxIdleConns:        concurrency,
 		MaxIdleConnsPerHost: concurrency,
+		MaxConnsPerHost:     concurrency, // idle ones too, so sockets stay within the file limit
 		IdleConnTimeout:     90 * time.Second,
 		DialContext:         (&net.Dialer{Timeout: 5 * time.Second}).DialContext,
 	}
@@ -127,6 +128,16 @@ func ceiling(ctx context.Context, target string, concurrency int, d time.Duratio
 	ctx, cancel := context.WithTimeout(ctx, d)
 	defer cancel()
 	var okN, failN atomic.Int64
+	var errOnce sync.Once
+	fail := func(err error) {
+		if ctx.Err() != nil {
+			return
+		}
+		failN.Add(1)
+		errOnce.Do(func() { firstErr = err.Error() })
+		// A failing worker must not spin and take the CPU from the others.
+		time.Sleep(10 * time.Millisecond)
+	}
 	var next atomic.Int64
 	var wg sync.WaitGroup
 	start := time.Now()
@@ -140,17 +151,16 @@ func ceiling(ctx context.Context, target string, concurrency int, d time.Duratio
 				req, _ := http.NewRequestWithContext(ctx, http.MethodGet, target+"/objects/"+strconv.FormatInt(id, 10), nil)
 				resp, err := client.Do(req)
 				if err != nil {
-					if ctx.Err() == nil {
-						failN.Add(1)
-					}
+					fail(err)
 					continue
 				}
 				_, err = io.Copy(io.Discard, resp.Body)
 				resp.Body.Close()
-				if err != nil || resp.StatusCode != http.StatusOK {
-					if ctx.Err() == nil {
-						failN.Add(1)
-					}
+				if err == nil && resp.StatusCode != http.StatusOK {
+					err = fmt.Errorf("status %d", resp.StatusCode)
+				}
+				if err != nil {
+					fail(err)
 					continue
 				}
 				if time.Since(start) >= warm {
@@ -160,5 +170,5 @@ func ceiling(ctx context.Context, target string, concurrency int, d time.Duratio
 		}()
 	}
 	wg.Wait()
-	return okN.Load(), failN.Load(), time.Since(start) - warm
+	return okN.Load(), failN.Load(), time.Since(start) - warm, firstErr
 }
