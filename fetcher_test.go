@@ -27,6 +27,20 @@ func resolveAll(f *Fetcher, cbs ...*callback) {
 	wg.Wait()
 }
 
+// distinctCallbacks makes n callbacks of size ids each (size < 100), no id
+// shared between them, so nothing coalesces.
+func distinctCallbacks(n, size int) []*callback {
+	cbs := make([]*callback, n)
+	for c := range cbs {
+		ids := make([]int64, size)
+		for i := range ids {
+			ids[i] = int64(c*100 + i)
+		}
+		cbs[c] = newCallback(time.Now(), ids)
+	}
+	return cbs
+}
+
 func wantResults(t *testing.T, cb *callback) {
 	t.Helper()
 	for i, id := range cb.ids {
@@ -43,14 +57,7 @@ func wantResults(t *testing.T, cb *callback) {
 func TestSemaphoreBoundsFetchesAcrossCallbacks(t *testing.T) {
 	up := newUpstream(t, 30*time.Millisecond, nil)
 	p := newParts(t, testConfig(t, "-upstream", up.URL, "-max-inflight", "4"), nil)
-	var cbs []*callback
-	for c := range 5 {
-		ids := make([]int64, 12)
-		for i := range ids {
-			ids[i] = int64(c*100 + i)
-		}
-		cbs = append(cbs, newCallback(time.Now(), ids))
-	}
+	cbs := distinctCallbacks(5, 12)
 	resolveAll(p.fetcher, cbs...)
 	for _, cb := range cbs {
 		wantResults(t, cb)
@@ -211,15 +218,7 @@ func TestConnectionsNeverExceedFetchSlots(t *testing.T) {
 	srv.Start()
 	t.Cleanup(srv.Close)
 	p := newParts(t, testConfig(t, "-upstream", srv.URL, "-max-inflight", "64"), nil)
-	var cbs []*callback
-	for c := range 400 {
-		ids := make([]int64, 40)
-		for i := range ids {
-			ids[i] = int64(c*100 + i)
-		}
-		cbs = append(cbs, newCallback(time.Now(), ids))
-	}
-	resolveAll(p.fetcher, cbs...)
+	resolveAll(p.fetcher, distinctCallbacks(400, 40)...)
 	if got := peak.Load(); got > 64 {
 		t.Errorf("%d connections open at once, want at most the 64 fetch slots", got)
 	}
