@@ -28,7 +28,7 @@ import (
 type Fetcher struct {
 	client       *http.Client
 	objectsURL   string // upstream + "/objects/"
-	sem          chan struct{}
+	slots        *fetchSlots
 	coalesce     bool
 	ttl          time.Duration
 	fetchTimeout time.Duration
@@ -57,51 +57,16 @@ type waiter struct {
 // once.
 const maxDials = 64
 
-// newFetcher builds the fetcher with one transport tuned for many concurrent
-// requests to a single host. A nil transport means the tuned default.
+// newFetcher builds the fetcher. A nil transport means the tuned default.
 func newFetcher(cfg config, transport http.RoundTripper, log *slog.Logger, m *metrics, g *guard) *Fetcher {
 	if transport == nil {
 		dialer := &net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}
-		// A burst of new ids (a start, a takeover of many journal rows)
-		// would open thousands of connections at once and take the CPU the
-		// handler needs to answer in time. Bounding the dials in progress
-		// spreads them out, and a request waiting for a dial often gets a
-		// connection another request freed instead.
-		dials := make(chan struct{}, maxDials)
-		transport = &http.Transport{
-			Proxy: http.ProxyFromEnvironment,
-			DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-				select {
-				case dials <- struct{}{}:
-				case <-ctx.Done():
-					return nil, ctx.Err()
-				}
-				defer func() { <-dials }()
-				return dialer.DialContext(ctx, network, addr)
-			},
-			// Every fetch slot may hold a connection; with the default of 2
-			// idle connections per host almost every request would dial.
-			MaxIdleConns:        cfg.maxInflight,
-			MaxIdleConnsPerHost: cfg.maxInflight,
-			// Idle and dialing connections count too: without this cap, a
-			// request that took a freed connection while its own dial was
-			// under way leaves one more idle socket, and the total can grow
-			// past the open-file limit that -max-inflight was sized to.
-			MaxConnsPerHost:       cfg.maxInflight,
-			IdleConnTimeout:       90 * time.Second,
-			TLSHandshakeTimeout:   2 * time.Second,
-			ResponseHeaderTimeout: cfg.fetchTimeout,
-			DisableCompression:    true,
-			// Answers are a few dozen bytes: small buffers keep ten thousand
-			// connections cheap.
-			ReadBufferSize:  2048,
-			WriteBufferSize: 1024,
-		}
+		transport = newTransport(cfg, dialer.DialContext)
 	}
 	return &Fetcher{
 		client:       &http.Client{Transport: transport, Timeout: cfg.fetchTimeout},
 		objectsURL:   strings.TrimRight(cfg.upstream, "/") + "/objects/",
-		sem:          make(chan struct{}, cfg.maxInflight),
+		slots:        newFetchSlots(cfg.maxInflight, min(cfg.maxInflight, initialLimit)),
 		coalesce:     cfg.coalesce,
 		ttl:          cfg.ttl,
 		fetchTimeout: cfg.fetchTimeout,
@@ -109,6 +74,46 @@ func newFetcher(cfg config, transport http.RoundTripper, log *slog.Logger, m *me
 		metrics:      m,
 		guard:        g,
 		flights:      make(map[int64]*flight),
+	}
+}
+
+// newTransport is the one transport to the object service, tuned for many
+// concurrent requests to a single host; dial opens a connection.
+func newTransport(cfg config, dial func(ctx context.Context, network, addr string) (net.Conn, error)) *http.Transport {
+	// A burst of new ids (a start, a takeover of many journal rows) would
+	// open thousands of connections at once and take the CPU the handler
+	// needs to answer in time. Bounding the dials in progress spreads them
+	// out, and a request waiting for a dial often gets a connection another
+	// request freed instead.
+	dials := make(chan struct{}, maxDials)
+	return &http.Transport{
+		Proxy: http.ProxyFromEnvironment,
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			select {
+			case dials <- struct{}{}:
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+			defer func() { <-dials }()
+			return dial(ctx, network, addr)
+		},
+		// Every fetch slot may hold a connection; with the default of 2
+		// idle connections per host almost every request would dial.
+		MaxIdleConns:        cfg.maxInflight,
+		MaxIdleConnsPerHost: cfg.maxInflight,
+		// Idle and dialing connections count too: without this cap, a
+		// request that took a freed connection while its own dial was under
+		// way leaves one more idle socket, and the total can grow past the
+		// open-file limit that -max-inflight was sized to.
+		MaxConnsPerHost:       cfg.maxInflight,
+		IdleConnTimeout:       90 * time.Second,
+		TLSHandshakeTimeout:   2 * time.Second,
+		ResponseHeaderTimeout: cfg.fetchTimeout,
+		DisableCompression:    true,
+		// Answers are a few dozen bytes: small buffers keep ten thousand
+		// connections cheap.
+		ReadBufferSize:  2048,
+		WriteBufferSize: 1024,
 	}
 }
 
@@ -150,17 +155,15 @@ func (f *Fetcher) lookup(ctx context.Context, id int64, deadline time.Time, w wa
 }
 
 func (f *Fetcher) acquire(ctx context.Context) bool {
-	select {
-	case f.sem <- struct{}{}:
-		f.metrics.fetchesInFlight.Add(1)
-		return true
-	case <-ctx.Done():
+	if !f.slots.acquire(ctx) {
 		return false
 	}
+	f.metrics.fetchesInFlight.Add(1)
+	return true
 }
 
 func (f *Fetcher) release() {
-	<-f.sem
+	f.slots.release()
 	f.metrics.fetchesInFlight.Add(-1)
 }
 

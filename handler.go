@@ -2,7 +2,6 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -16,7 +15,7 @@ import (
 // routes is the service's whole HTTP surface.
 func routes(cfg config, pipe *pipeline, store *Store, m *metrics, log *slog.Logger, g *guard) http.Handler {
 	mux := http.NewServeMux()
-	mux.Handle("/callback", handleCallback(cfg, pipe, store, m, log))
+	mux.Handle("/callback", handleCallback(cfg, pipe, m, log))
 	mux.Handle("GET /healthz", handleHealthz())
 	mux.Handle("GET /readyz", handleReadyz(store))
 	mux.Handle("GET /metrics", handleMetrics(m))
@@ -29,11 +28,10 @@ type acceptedBody struct {
 	Journaled bool   `json:"journaled"`
 }
 
-// handleCallback decodes and validates a callback, journals it and answers
-// 202; the lookups happen afterwards, so the sender never waits for the
-// object service. When the journal cannot be written in time the callback is
-// still accepted, into memory only: availability comes first.
-func handleCallback(cfg config, pipe *pipeline, store *Store, m *metrics, log *slog.Logger) http.Handler {
+// handleCallback decodes and validates a callback, has the pipeline accept
+// it (which journals it) and answers 202; the lookups happen afterwards, so
+// the sender never waits for the object service.
+func handleCallback(cfg config, pipe *pipeline, m *metrics, log *slog.Logger) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		// last_seen is the time the callback arrived, on the service's clock.
 		receivedAt := time.Now().Round(0).Truncate(time.Microsecond)
@@ -53,29 +51,17 @@ func handleCallback(cfg config, pipe *pipeline, store *Store, m *metrics, log *s
 			writeError(w, bad.status, bad.msg)
 			return
 		}
-		cb := newCallback(receivedAt, ids)
-		if err := pipe.admit(cb, false); err != nil {
+		acc, err := pipe.accept(receivedAt, ids)
+		if err != nil {
 			m.callbacksRejected.Inc("backlog_full")
 			w.Header().Set("Retry-After", "1")
 			writeError(w, http.StatusServiceUnavailable, "too many callbacks in progress, retry later")
 			return
 		}
-		// A sender that hangs up must not cost the callback its journal row.
-		ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), cfg.journalTimeout)
-		err = store.Journal(ctx, cb)
-		cancel()
-		if err == nil {
-			cb.journaled = true
-			m.journalWrites.Inc()
-		} else {
-			m.journalFailures.Inc()
-			store.warn("callbacks accepted into memory only, the journal is unavailable", "err", err)
-		}
-		pipe.start(cb)
 		m.callbacksAccepted.Inc()
 		m.idsReceived.Add(uint64(len(ids)))
-		log.Debug("callback accepted", "journal_id", cb.id, "ids", len(ids), "journaled", cb.journaled)
-		writeJSON(w, http.StatusAccepted, acceptedBody{Status: "accepted", IDs: len(ids), Journaled: cb.journaled})
+		log.Debug("callback accepted", "journal_id", acc.journalID, "ids", len(ids), "journaled", acc.journaled)
+		writeJSON(w, http.StatusAccepted, acceptedBody{Status: "accepted", IDs: len(ids), Journaled: acc.journaled})
 		m.answer.Observe(time.Since(receivedAt).Seconds())
 	})
 }

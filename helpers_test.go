@@ -108,6 +108,12 @@ func journalDepth(t testing.TB, db *sql.DB) int {
 	return n
 }
 
+// landWithin is how long a test waits for acknowledged callbacks to reach the
+// table: the promise is that they land before received time + TTL (30s by
+// default) or are dropped, so waiting longer than that proves nothing and
+// waiting less depends on the machine being idle.
+const landWithin = 30*time.Second + 5*time.Second
+
 // eventually polls cond until it holds or the timeout passes.
 func eventually(t testing.TB, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
@@ -321,7 +327,13 @@ func (s *service) waitReady(t testing.TB) {
 // `objtrack_callbacks_accepted_total` or `objtrack_fetches_total{outcome="online"}`.
 func (s *service) metric(t testing.TB, name string) float64 {
 	t.Helper()
-	resp, err := http.Get(s.base + "/metrics")
+	return metricAt(t, s.base, name)
+}
+
+// metricAt reads one sample from /metrics of the service at base.
+func metricAt(t testing.TB, base, name string) float64 {
+	t.Helper()
+	resp, err := http.Get(base + "/metrics")
 	if err != nil {
 		t.Fatalf("get metrics: %v", err)
 	}

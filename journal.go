@@ -31,13 +31,21 @@ func (k *journalKeeper) run(ctx context.Context) {
 	t := time.NewTicker(k.every)
 	defer t.Stop()
 	for {
-		if k.store.Ready() == nil && k.pipe.ctx.Err() == nil {
+		switch {
+		case k.pipe.stopped(): // shutdown parks what is left
+		case k.store.Ready() == nil:
 			k.round(ctx)
+		default:
+			k.pipe.setMemoryOnly(k.pipe.memoryOnly())
 		}
+		// A round starts at once when the database comes back, so that the
+		// callbacks accepted into memory only during the outage are
+		// journaled first thing.
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+		case <-k.store.cameUp:
 		}
 	}
 }
@@ -45,6 +53,7 @@ func (k *journalKeeper) run(ctx context.Context) {
 func (k *journalKeeper) round(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, k.every*4)
 	defer cancel()
+	k.rejournal(ctx)
 	now := time.Now()
 	if err := k.store.RenewLeases(ctx, k.pipe.heldJournalIDs(), now.Add(k.lease)); err != nil {
 		k.store.warn("renewing journal leases failed", "err", err)
@@ -73,4 +82,28 @@ func (k *journalKeeper) round(ctx context.Context) {
 	if n, err := k.store.JournalDepth(ctx); err == nil {
 		k.metrics.journalDepth.Set(n)
 	}
+}
+
+// rejournal writes the journal rows of the callbacks accepted into memory
+// only (the database was down, or a write missed its chance), so that a
+// crash from now on loses none of them.
+func (k *journalKeeper) rejournal(ctx context.Context) {
+	cbs := k.pipe.unjournaled()
+	if len(cbs) == 0 {
+		k.pipe.setMemoryOnly(0)
+		return
+	}
+	for start := 0; start < len(cbs); start += journalBatch {
+		chunk := cbs[start:min(start+journalBatch, len(cbs))]
+		if err := k.store.Rejournal(ctx, chunk); err != nil {
+			k.store.warn("journaling callbacks held in memory failed; will retry", "callbacks", len(cbs)-start, "err", err)
+			for _, cb := range cbs[start+len(chunk):] {
+				cb.endJournal(false)
+			}
+			k.pipe.setMemoryOnly(len(cbs) - start)
+			return
+		}
+	}
+	k.log.Info("journaled callbacks that were held in memory only", "callbacks", len(cbs))
+	k.pipe.setMemoryOnly(0)
 }

@@ -199,10 +199,13 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 		}()
 	}
 	startLoop("store", store.keepConnected)
-	startLoop("journal-writer", store.runJournalWriter)
-	startLoop("journal-writer", store.runJournalWriter)
-	startLoop("apply-writer", store.runApplyWriter)
-	startLoop("apply-writer", store.runApplyWriter)
+	for range journalWriters {
+		startLoop("journal-writer", store.runJournalWriter)
+	}
+	for range applyWriters {
+		startLoop("apply-writer", store.runApplyWriter)
+	}
+	startLoop("fetch-limit", newFetchLimiter(fetcher.slots, cfg.journalTimeout/journalTargetShare, store.TakeJournalLag, m).run)
 	startLoop("reaper", newReaper(cfg, store, log, m).run)
 	startLoop("journal", newJournalKeeper(cfg, store, pipe, log, m).run)
 

@@ -12,33 +12,38 @@ import (
 // in the Prometheus text exposition format (version 0.0.4). All updates are
 // atomic so the hot path never takes a lock for them.
 type metrics struct {
-	callbacksAccepted counter
-	callbacksRejected *labeled
-	idsReceived       counter
-	fetches           *labeled
-	retries           counter
-	coalesced         counter
-	idsDropped        counter
-	callbacksApplied  counter
-	callbacksExpired  counter
-	rowsUpserted      counter
-	rowsReaped        counter
-	journalWrites     counter
-	journalFailures   counter
-	journalReplayed   counter
-	journalExpired    counter
-	dbErrors          *labeled
-	panics            counter
+	callbacksAccepted  counter
+	callbacksRejected  *labeled
+	idsReceived        counter
+	fetches            *labeled
+	retries            counter
+	coalesced          counter
+	idsDropped         counter
+	callbacksApplied   counter
+	callbacksExpired   counter
+	rowsUpserted       counter
+	rowsReaped         counter
+	journalWrites      counter
+	journalFailures    counter
+	journalLate        counter
+	journalRejournaled counter
+	journalReplayed    counter
+	journalExpired     counter
+	dbErrors           *labeled
+	panics             counter
 
-	fetchesInFlight   gauge
-	callbacksInMemory gauge
-	idsInMemory       gauge
-	journalDepth      gauge
-	databaseUp        gauge
+	fetchesInFlight     gauge
+	fetchLimit          gauge
+	callbacksInMemory   gauge
+	idsInMemory         gauge
+	journalDepth        gauge
+	databaseUp          gauge
+	callbacksMemoryOnly gauge
 
-	fetchLatency *histogram
-	completion   *histogram
-	answer       *histogram
+	fetchLatency  *histogram
+	completion    *histogram
+	answer        *histogram
+	journalCommit *histogram
 
 	all []exported
 }
@@ -52,7 +57,7 @@ type exported struct {
 
 // Label values are fixed up front, so a bad value is a bug, not a new series.
 var (
-	rejectReasons = []string{"bad_method", "bad_json", "bad_id", "too_many_ids", "body_too_large", "backlog_full", "shutting_down"}
+	rejectReasons = []string{"bad_method", "bad_json", "bad_id", "too_many_ids", "body_too_large", "backlog_full"}
 	fetchOutcomes = []string{outcomeOnline, outcomeOffline, outcomeStatus, outcomeBody, outcomeWrongID, outcomeTransport, outcomeTimeout, outcomePanic}
 	dbOps         = []string{"schema", "ping", "journal", "apply", "reap", "renew", "claim", "expire", "park", "depth"}
 )
@@ -65,6 +70,7 @@ func newMetrics() *metrics {
 		fetchLatency:      newHistogram(0.005, 0.025, 0.1, 0.25, 0.5, 1, 2, 3, 4, 5, 10),
 		completion:        newHistogram(0.1, 0.5, 1, 2, 3, 4, 5, 7.5, 10, 15, 20, 30),
 		answer:            newHistogram(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1),
+		journalCommit:     newHistogram(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2, 5),
 	}
 	m.all = []exported{
 		{"objtrack_callbacks_accepted_total", "Callbacks answered 202.", "counter", &m.callbacksAccepted},
@@ -78,20 +84,26 @@ func newMetrics() *metrics {
 		{"objtrack_callbacks_expired_total", "Callbacks dropped because they could not be applied before received time + TTL.", "counter", &m.callbacksExpired},
 		{"objtrack_rows_upserted_total", "Rows inserted or moved forward in time in the objects table.", "counter", &m.rowsUpserted},
 		{"objtrack_rows_reaped_total", "Rows deleted from the objects table for being older than the TTL.", "counter", &m.rowsReaped},
-		{"objtrack_journal_writes_total", "Callbacks written to the journal before they were acknowledged.", "counter", &m.journalWrites},
-		{"objtrack_journal_failures_total", "Callbacks acknowledged without a journal row (held in memory only).", "counter", &m.journalFailures},
+		{"objtrack_journal_writes_total", "Callbacks whose journal row the handler path committed (before or after the answer).", "counter", &m.journalWrites},
+		{"objtrack_journal_failures_total", "Callbacks answered before their journal row was committed (late or never).", "counter", &m.journalFailures},
+		{"objtrack_journal_late_total", "Of the journal failures, callbacks whose row was committed after the answer.", "counter", &m.journalLate},
+		{"objtrack_journal_rejournaled_total", "Callbacks accepted into memory only whose row was written once PostgreSQL was back.", "counter", &m.journalRejournaled},
 		{"objtrack_journal_replayed_total", "Journal rows taken over from a stopped or crashed instance.", "counter", &m.journalReplayed},
 		{"objtrack_journal_expired_total", "Journal rows deleted unprocessed because they were older than the TTL.", "counter", &m.journalExpired},
 		{"objtrack_db_errors_total", "Failed PostgreSQL operations, by operation.", "counter", m.dbErrors},
 		{"objtrack_panics_recovered_total", "Panics recovered in any goroutine.", "counter", &m.panics},
 		{"objtrack_fetches_in_flight", "Requests to the object service in flight.", "gauge", &m.fetchesInFlight},
+		{"objtrack_fetch_limit", "Requests to the object service allowed in flight now (adapts to the journal's commit latency).", "gauge", &m.fetchLimit},
+		{"objtrack_fetch_limit", "Requests to the object service allowed in flight now (adapts to the journal's commit latency).", "gauge", &m.fetchLimit},
 		{"objtrack_callbacks_in_memory", "Callbacks accepted and not yet applied.", "gauge", &m.callbacksInMemory},
 		{"objtrack_ids_in_memory", "Object ids of the callbacks in memory.", "gauge", &m.idsInMemory},
 		{"objtrack_journal_depth", "Rows in the journal table, all instances.", "gauge", &m.journalDepth},
 		{"objtrack_database_up", "1 when PostgreSQL is reachable and the schema applied.", "gauge", &m.databaseUp},
+		{"objtrack_callbacks_memory_only", "Callbacks in memory without a committed journal row (a crash would lose them).", "gauge", &m.callbacksMemoryOnly},
 		{"objtrack_fetch_duration_seconds", "Time for one request to the object service.", "histogram", m.fetchLatency},
 		{"objtrack_callback_completion_seconds", "Time from receiving a callback to committing its objects.", "histogram", m.completion},
 		{"objtrack_callback_answer_seconds", "Time from receiving a callback to writing its 202 (senders give up after 1s).", "histogram", m.answer},
+		{"objtrack_journal_commit_seconds", "Time from receiving a callback to committing its journal row.", "histogram", m.journalCommit},
 	}
 	return m
 }

@@ -16,7 +16,13 @@ type callback struct {
 	id         int64     // journal row id, random so instances never collide
 	receivedAt time.Time // becomes last_seen; the service's wall clock, µs precision
 	ids        []int64   // sorted, without duplicates
-	journaled  bool      // its journal row was written before it was acknowledged
+
+	// The journal state, guarded by jmu: the handler, the journal writer,
+	// the journal keeper and the callback's own processing all look at it.
+	jmu      sync.Mutex
+	jstate   journalState
+	jwait    chan struct{} // closed when a write in progress ends
+	answered bool          // the handler answered while the write was in progress
 
 	// results[i] is set once, by the lookup of ids[i], and read while other
 	// lookups are still landing, hence atomic.
@@ -36,6 +42,87 @@ const (
 	resultExpired // no answer before the callback's deadline
 	resultAborted // shutdown: the callback stays in the journal
 )
+
+// journalState is where a callback's journal row stands.
+type journalState uint8
+
+const (
+	journalMissing journalState = iota // in memory only: no row committed yet
+	journalWriting                     // a write is in progress
+	journalWritten                     // the row is committed
+	journalClosed                      // applied without a row: never write one now
+)
+
+// beginJournal marks a write as in progress, unless the callback already has
+// a row, has a write under way, or is being applied.
+func (cb *callback) beginJournal() bool {
+	cb.jmu.Lock()
+	defer cb.jmu.Unlock()
+	if cb.jstate != journalMissing {
+		return false
+	}
+	cb.jstate = journalWriting
+	cb.jwait = make(chan struct{})
+	return true
+}
+
+// endJournal records the outcome of the write begun by beginJournal and says
+// whether the handler had already answered.
+func (cb *callback) endJournal(committed bool) (answeredBefore bool) {
+	cb.jmu.Lock()
+	defer cb.jmu.Unlock()
+	cb.jstate = journalMissing
+	if committed {
+		cb.jstate = journalWritten
+	}
+	close(cb.jwait)
+	cb.jwait = nil
+	answered := cb.answered
+	cb.answered = false
+	return answered
+}
+
+// answerEarly is called when the answer deadline passes: if the write is
+// still in progress it goes on, and its outcome is counted as late.
+func (cb *callback) answerEarly() bool {
+	cb.jmu.Lock()
+	defer cb.jmu.Unlock()
+	if cb.jstate != journalWriting {
+		return false
+	}
+	cb.answered = true
+	return true
+}
+
+// journaled says whether the callback's row is committed.
+func (cb *callback) journaled() bool {
+	cb.jmu.Lock()
+	defer cb.jmu.Unlock()
+	return cb.jstate == journalWritten
+}
+
+// closeJournal is called before the apply that would delete the callback's
+// journal row. It waits for a write in progress, so that a late insert can
+// never land after that delete and leave a stray row, and stops a callback
+// that has no row from getting one.
+func (cb *callback) closeJournal(ctx context.Context) error {
+	cb.jmu.Lock()
+	for cb.jstate == journalWriting {
+		w := cb.jwait
+		cb.jmu.Unlock()
+		select {
+		case <-w:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		cb.jmu.Lock()
+	}
+	if cb.jstate == journalMissing {
+		cb.jstate = journalClosed
+	}
+	cb.jmu.Unlock()
+	return nil
+}
 
 func newCallback(receivedAt time.Time, ids []int64) *callback {
 	return &callback{
@@ -95,6 +182,8 @@ type pipeline struct {
 	ctx   context.Context
 	abort context.CancelFunc
 
+	memoryOnlyTold atomic.Bool // the memory-only state has been logged
+
 	wg      sync.WaitGroup // one per callback in memory
 	mu      sync.Mutex
 	held    map[int64]*callback // by journal id
@@ -132,6 +221,93 @@ func (p *pipeline) admit(cb *callback, force bool) error {
 
 var errDuplicate = errors.New("callback already in memory")
 
+// accepted is what the sender is told about an accepted callback.
+type accepted struct {
+	journalID int64
+	journaled bool // its journal row was committed before the answer
+}
+
+// accept takes a callback received at receivedAt into the pipeline: admit
+// (or errBacklogFull), journal, start its lookups. The journal comes before
+// any fetch work for the callback.
+func (p *pipeline) accept(receivedAt time.Time, ids []int64) (accepted, error) {
+	cb := newCallback(receivedAt, ids)
+	if err := p.admit(cb, false); err != nil {
+		return accepted{}, err
+	}
+	journaled := p.journal(cb)
+	if !journaled {
+		p.metrics.journalFailures.Inc()
+		p.warnMemoryOnly()
+	}
+	p.start(cb)
+	return accepted{journalID: cb.id, journaled: journaled}, nil
+}
+
+// journal writes cb's journal row, waiting for it at most -journal-timeout.
+// A write still in progress then goes on; the callback is answered anyway,
+// since the sender gives up after 1s, and the late commit is counted.
+func (p *pipeline) journal(cb *callback) bool {
+	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.journalTimeout)
+	defer cancel()
+	cb.beginJournal()
+	p.store.Journal(ctx, cb)
+	return !cb.answerEarly() && cb.journaled()
+}
+
+// warnMemoryOnly logs, once per change of state, that callbacks are being
+// answered without a committed journal row.
+func (p *pipeline) warnMemoryOnly() {
+	if p.memoryOnlyTold.Swap(true) {
+		return
+	}
+	p.log.Warn("callbacks answered before their journal row was committed; they are journaled as soon as the database allows", "database", errString(p.store.Ready()))
+}
+
+func errString(err error) string {
+	if err == nil {
+		return "up"
+	}
+	return err.Error()
+}
+
+// unjournaled takes the callbacks in memory that have no journal row and no
+// write in progress, marking a write begun on each: the journal keeper
+// writes them as soon as the database is back.
+func (p *pipeline) unjournaled() []*callback {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var out []*callback
+	for _, cb := range p.held {
+		if cb.beginJournal() {
+			out = append(out, cb)
+		}
+	}
+	return out
+}
+
+// memoryOnly counts the callbacks in memory without a journal row.
+func (p *pipeline) memoryOnly() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := 0
+	for _, cb := range p.held {
+		if !cb.journaled() {
+			n++
+		}
+	}
+	return n
+}
+
+// setMemoryOnly records how many callbacks are in memory without a journal
+// row; once none are, the next episode is logged again.
+func (p *pipeline) setMemoryOnly(memoryOnly int) {
+	p.metrics.callbacksMemoryOnly.Set(int64(memoryOnly))
+	if memoryOnly == 0 && p.memoryOnlyTold.Swap(false) {
+		p.log.Info("every callback in memory has its journal row again")
+	}
+}
+
 // room is how many more callbacks fit in the backlog.
 func (p *pipeline) room() int {
 	p.mu.Lock()
@@ -162,6 +338,9 @@ func (p *pipeline) heldJournalIDs() []int64 {
 	}
 	return ids
 }
+
+// stopped says whether the grace period after SIGTERM is over.
+func (p *pipeline) stopped() bool { return p.ctx.Err() != nil }
 
 // start processes an admitted callback in its own goroutine.
 func (p *pipeline) start(cb *callback) {
@@ -217,6 +396,9 @@ func (p *pipeline) process(cb *callback) {
 		// A lookup ended without an answer though nothing is shutting down
 		// (it panicked): give the callback back to the journal for a retry.
 		p.recoverCallback(cb)
+		return
+	}
+	if cb.closeJournal(p.ctx) != nil {
 		return
 	}
 	switch err := p.store.Apply(p.ctx, cb, cb.takeOnline(), true); {

@@ -40,24 +40,43 @@ var (
 // SQL never calls now(), so there is one clock for received_at, last_seen,
 // leases and the reaper's cutoff.
 type Store struct {
-	db             *sql.DB
-	owner          string // this instance's name on the journal rows it leases
-	ttl            time.Duration
-	lease          time.Duration
-	journalTimeout time.Duration
-	log            *slog.Logger
-	metrics        *metrics
+	db        *sql.DB // applies, reaps, the journal keeper and health checks
+	journalDB *sql.DB // journal writes only
+	owner     string  // this instance's name on the journal rows it leases
+	ttl       time.Duration
+	lease     time.Duration
+	log       *slog.Logger
+	metrics   *metrics
 
 	journalQ chan *storeReq
 	applyQ   chan *storeReq
 
-	up       atomic.Bool // schema applied and the last check reached the server
-	mu       sync.Mutex
-	downWhy  error
-	told     bool          // the current state has been logged
-	checked  chan struct{} // closed when the first connection attempt has an outcome
-	lastWarn time.Time     // rate-limits the warnings of the write paths
+	up      atomic.Bool // schema applied and the last check reached the server
+	mu      sync.Mutex
+	downWhy error
+	told    bool          // the current state has been logged
+	checked chan struct{} // closed when the first connection attempt has an outcome
+	cameUp  chan struct{} // signalled when the database becomes ready
+
+	journalLag atomic.Int64 // slowest receipt-to-commit since the last look, ns
+	lastWarn   time.Time    // rate-limits the warnings of the write paths
 }
+
+// Writers and their tuning.
+const (
+	journalWriters = 2 // goroutines writing journal rows, each with its own connection
+	applyWriters   = 2 // goroutines applying finished callbacks
+	// queueSize bounds the requests waiting for a writer; a full journal
+	// queue makes callbacks wait, up to -journal-timeout.
+	queueSize = 1024
+	// journalBatch is the most callbacks one journal statement carries.
+	journalBatch = 512
+	// journalAttemptTimeout bounds one journal statement; a slower one is
+	// retried, so a connection hung on a dead server cannot stall the writer.
+	journalAttemptTimeout = 5 * time.Second
+	journalRetryMin       = 20 * time.Millisecond
+	journalRetryMax       = time.Second
+)
 
 // storeReq is one callback waiting for a writer goroutine.
 type storeReq struct {
@@ -73,26 +92,32 @@ func newStore(cfg config, log *slog.Logger, m *metrics) (*Store, error) {
 		return nil, fmt.Errorf("parse -dsn %s: %w", redactDSN(cfg.dsn), err)
 	}
 	connector.Dialer(dialer{})
-	db := sql.OpenDB(connector)
-	// Writers, reaper, journal keeper and health checks need about eight
-	// connections; the rest absorb bursts. Idle ones are kept so the hot path
-	// never waits for a TCP and authentication handshake.
-	db.SetMaxOpenConns(cfg.dbConns)
-	db.SetMaxIdleConns(cfg.dbConns)
-	db.SetConnMaxIdleTime(5 * time.Minute)
-	db.SetConnMaxLifetime(30 * time.Minute)
+	// Journal writes have connections of their own, one per journal writer:
+	// the answer to a callback waits for its journal row, and must never
+	// queue for a connection behind applies, reaps or lease renewals.
+	// Idle connections are kept so the hot path never waits for a TCP and
+	// authentication handshake.
+	pool := func(n int) *sql.DB {
+		db := sql.OpenDB(connector)
+		db.SetMaxOpenConns(n)
+		db.SetMaxIdleConns(n)
+		db.SetConnMaxIdleTime(5 * time.Minute)
+		db.SetConnMaxLifetime(30 * time.Minute)
+		return db
+	}
 	s := &Store{
-		db:             db,
-		owner:          fmt.Sprintf("%s-%d-%08x", hostname(), syscall.Getpid(), rand.Uint32()),
-		ttl:            cfg.ttl,
-		lease:          cfg.lease,
-		journalTimeout: cfg.journalTimeout,
-		log:            log,
-		metrics:        m,
-		journalQ:       make(chan *storeReq, 1024),
-		applyQ:         make(chan *storeReq, 1024),
-		downWhy:        errors.New("not connected yet"),
-		checked:        make(chan struct{}),
+		journalDB: pool(journalWriters),
+		db:        pool(cfg.dbConns - journalWriters),
+		owner:     fmt.Sprintf("%s-%d-%08x", hostname(), syscall.Getpid(), rand.Uint32()),
+		ttl:       cfg.ttl,
+		lease:     cfg.lease,
+		log:       log,
+		metrics:   m,
+		journalQ:  make(chan *storeReq, queueSize),
+		applyQ:    make(chan *storeReq, queueSize),
+		downWhy:   errors.New("not connected yet"),
+		checked:   make(chan struct{}),
+		cameUp:    make(chan struct{}, 1),
 	}
 	return s, nil
 }
@@ -107,7 +132,7 @@ func hostname() string {
 }
 
 // Close closes the connection pool.
-func (s *Store) Close() error { return s.db.Close() }
+func (s *Store) Close() error { return errors.Join(s.journalDB.Close(), s.db.Close()) }
 
 // dialer bounds how long a dead PostgreSQL can hold a connection: TCP
 // keepalive probes and TCP_USER_TIMEOUT turn a silent network failure into
@@ -168,6 +193,10 @@ func (s *Store) setUp(err error) {
 		s.metrics.databaseUp.Set(1)
 		if changed {
 			s.log.Info("database ready")
+			select {
+			case s.cameUp <- struct{}{}:
+			default:
+			}
 		}
 		return
 	}
@@ -252,23 +281,38 @@ func (s *Store) warn(msg string, args ...any) {
 	s.log.Warn(msg, args...)
 }
 
-// Journal writes cb to the journal table, waiting at most until ctx ends.
-// A nil error means the callback survives a crash of this instance.
-func (s *Store) Journal(ctx context.Context, cb *callback) error {
-	if err := s.Ready(); err != nil {
+// Journal writes cb's journal row; the caller has called cb.beginJournal.
+// It returns once the row is committed, the write has failed, or ctx ends,
+// whichever comes first. When ctx ends first the write is not abandoned: it
+// goes on, and its outcome is recorded on cb (cb.endJournal). When the
+// database is known to be down it fails at once: the callback stays in
+// memory only and the journal keeper writes its row when the database is
+// back.
+func (s *Store) Journal(ctx context.Context, cb *callback) {
+	if s.Ready() != nil {
 		// Right after start the first connection may still be under way:
 		// wait for its outcome within ctx. Once the database is known to be
 		// down, fail fast: no point making the sender wait for it.
 		select {
 		case <-s.checked:
 		case <-ctx.Done():
-			return err
 		}
-		if err := s.Ready(); err != nil {
-			return err
+		if s.Ready() != nil {
+			cb.endJournal(false)
+			return
 		}
 	}
-	return s.enqueue(ctx, s.journalQ, &storeReq{cb: cb})
+	r := &storeReq{cb: cb, done: make(chan error, 1)}
+	select {
+	case s.journalQ <- r:
+	case <-ctx.Done():
+		cb.endJournal(false) // never queued: the keeper writes it later
+		return
+	}
+	select {
+	case <-r.done:
+	case <-ctx.Done():
+	}
 }
 
 // Apply upserts online, ids of cb, at cb's receipt time. The final apply of
@@ -276,13 +320,9 @@ func (s *Store) Journal(ctx context.Context, cb *callback) error {
 // callback is either still in the journal or fully applied. Apply retries
 // through database outages until the callback expires.
 func (s *Store) Apply(ctx context.Context, cb *callback, online []int64, final bool) error {
-	return s.enqueue(ctx, s.applyQ, &storeReq{cb: cb, online: online, final: final})
-}
-
-func (s *Store) enqueue(ctx context.Context, q chan *storeReq, r *storeReq) error {
-	r.done = make(chan error, 1)
+	r := &storeReq{cb: cb, online: online, final: final, done: make(chan error, 1)}
 	select {
-	case q <- r:
+	case s.applyQ <- r:
 	case <-ctx.Done():
 		return ctx.Err()
 	}
@@ -316,37 +356,92 @@ func collect(ctx context.Context, q chan *storeReq, batch []*storeReq, max int) 
 	return batch
 }
 
-// runJournalWriter writes queued journal requests in batches. A failed batch
-// is not retried: its callers have a deadline well under a second and are
-// accepted into memory when it passes.
+// runJournalWriter writes queued journal requests in batches, on the
+// connections reserved for the journal, and records each outcome on its
+// callback.
 func (s *Store) runJournalWriter(ctx context.Context) {
 	var batch []*storeReq
 	for ctx.Err() == nil {
-		batch = collect(ctx, s.journalQ, batch[:0], 512)
+		batch = collect(ctx, s.journalQ, batch[:0], journalBatch)
 		if len(batch) == 0 {
 			continue
 		}
-		cbs := make([]*callback, len(batch))
-		for i, r := range batch {
-			cbs[i] = r.cb
-		}
-		wctx, cancel := context.WithTimeout(ctx, s.journalTimeout)
+		err := s.writeJournal(ctx, batch)
 		now := time.Now()
-		err := s.insertJournal(wctx, cbs, now.Add(s.lease))
-		cancel()
-		if err != nil {
-			s.metrics.dbErrors.Inc("journal")
-			s.warn("journal write failed", "callbacks", len(batch), "err", err)
-		}
+		s.noteJournalLag(now.Sub(batch[0].cb.receivedAt))
 		for _, r := range batch {
+			late := r.cb.endJournal(err == nil)
+			if err == nil {
+				s.metrics.journalWrites.Inc()
+				s.metrics.journalCommit.Observe(now.Sub(r.cb.receivedAt).Seconds())
+				if late {
+					s.metrics.journalLate.Inc()
+				}
+			}
 			r.done <- err
 		}
 	}
 }
 
+// noteJournalLag records how long the oldest callback of a batch waited for
+// its row; the fetch limiter reads the slowest since its last look.
+func (s *Store) noteJournalLag(d time.Duration) {
+	for {
+		cur := s.journalLag.Load()
+		if int64(d) <= cur || s.journalLag.CompareAndSwap(cur, int64(d)) {
+			return
+		}
+	}
+}
+
+// TakeJournalLag returns the slowest journal commit since the last call.
+func (s *Store) TakeJournalLag() time.Duration {
+	return time.Duration(s.journalLag.Swap(0))
+}
+
+// writeJournal commits the rows of a batch. While the database is up a
+// failed attempt is retried, however long it takes: callbacks may already
+// have been answered, and their rows are what makes that answer true. It
+// gives up only when the database is known to be down (those callbacks stay
+// in memory and the journal keeper writes them when it is back), when every
+// callback of the batch is past the TTL, or at shutdown.
+func (s *Store) writeJournal(ctx context.Context, batch []*storeReq) error {
+	cbs := make([]*callback, len(batch))
+	var newest time.Time
+	for i, r := range batch {
+		cbs[i] = r.cb
+		if r.cb.receivedAt.After(newest) {
+			newest = r.cb.receivedAt
+		}
+	}
+	backoff := journalRetryMin
+	for {
+		if err := s.Ready(); err != nil {
+			return err
+		}
+		actx, cancel := context.WithTimeout(ctx, journalAttemptTimeout)
+		err := s.insertJournal(actx, s.journalDB, cbs, time.Now().Add(s.lease))
+		cancel()
+		if err == nil {
+			return nil
+		}
+		s.metrics.dbErrors.Inc("journal")
+		if ctx.Err() != nil || time.Since(newest) > s.ttl {
+			return err
+		}
+		s.warn("journal write failed; retrying", "callbacks", len(batch), "err", err)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(backoff/2 + rand.N(backoff/2)):
+		}
+		backoff = min(2*backoff, journalRetryMax)
+	}
+}
+
 // insertJournal writes callbacks with the given lease in one statement. A row
 // that exists already (a retry, or parking at shutdown) gets the new lease.
-func (s *Store) insertJournal(ctx context.Context, cbs []*callback, leaseUntil time.Time) error {
+func (s *Store) insertJournal(ctx context.Context, db *sql.DB, cbs []*callback, leaseUntil time.Time) error {
 	ids := make([]int64, len(cbs))
 	times := make([]string, len(cbs))
 	objects := make([]string, len(cbs))
@@ -355,7 +450,7 @@ func (s *Store) insertJournal(ctx context.Context, cbs []*callback, leaseUntil t
 		times[i] = pgTime(cb.receivedAt)
 		objects[i] = pgInt64Array(cb.ids)
 	}
-	_, err := s.db.ExecContext(ctx, `
+	_, err := db.ExecContext(ctx, `
 		INSERT INTO callback_journal (id, received_at, object_ids, owner, lease_until)
 		SELECT j.id, j.received_at, j.object_ids::bigint[], $4, $5
 		FROM unnest($1::bigint[], $2::timestamptz[], $3::text[]) AS j(id, received_at, object_ids)
@@ -374,11 +469,27 @@ func (s *Store) Park(ctx context.Context, cbs []*callback) error {
 	if len(cbs) == 0 {
 		return nil
 	}
-	if err := s.insertJournal(ctx, cbs, time.Now().Add(-time.Second)); err != nil {
+	if err := s.insertJournal(ctx, s.db, cbs, time.Now().Add(-time.Second)); err != nil {
 		s.metrics.dbErrors.Inc("park")
 		return err
 	}
 	return nil
+}
+
+// Rejournal writes the rows of callbacks that were accepted into memory only
+// while the database was down; the caller has called beginJournal on each.
+func (s *Store) Rejournal(ctx context.Context, cbs []*callback) error {
+	err := s.insertJournal(ctx, s.db, cbs, time.Now().Add(s.lease))
+	if err != nil {
+		s.metrics.dbErrors.Inc("journal")
+	}
+	for _, cb := range cbs {
+		cb.endJournal(err == nil)
+	}
+	if err == nil {
+		s.metrics.journalRejournaled.Add(uint64(len(cbs)))
+	}
+	return err
 }
 
 // runApplyWriter commits completed callbacks in batches. On failure it keeps
@@ -595,7 +706,7 @@ func (s *Store) Claim(ctx context.Context, now time.Time, limit int) ([]*callbac
 		}
 		cb := newCallback(at, dedupe([]int64(ids)))
 		cb.id = id
-		cb.journaled = true
+		cb.jstate = journalWritten
 		out = append(out, cb)
 	}
 	if err := rows.Err(); err != nil {

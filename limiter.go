@@ -1,0 +1,143 @@
+package main
+
+import (
+	"context"
+	"sync/atomic"
+	"time"
+)
+
+// fetchSlots is the semaphore that bounds the fetches in flight: a buffered
+// channel whose capacity is the hard cap (-max-inflight, fitted to the
+// open-file limit). The limit in force is lower when the controller holds
+// some of the slots itself ("parked"): it keeps a slot that a finishing
+// fetch gives back instead of freeing it, and frees parked slots to raise the
+// limit again. Acquiring a slot stays one channel send.
+type fetchSlots struct {
+	sem    chan struct{}
+	parked atomic.Int64 // slots the controller holds
+	want   atomic.Int64 // slots it wants to hold
+}
+
+func newFetchSlots(hardCap, limit int) *fetchSlots {
+	s := &fetchSlots{sem: make(chan struct{}, hardCap)}
+	s.setLimit(limit)
+	return s
+}
+
+func (s *fetchSlots) acquire(ctx context.Context) bool {
+	select {
+	case s.sem <- struct{}{}:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+func (s *fetchSlots) release() {
+	for {
+		p := s.parked.Load()
+		if p >= s.want.Load() {
+			break
+		}
+		if s.parked.CompareAndSwap(p, p+1) {
+			return // the slot stays taken: the limit shrinks by one
+		}
+	}
+	<-s.sem
+}
+
+// setLimit makes n slots usable. Slots in use above a lower limit are parked
+// as their fetches finish; free ones are parked at once.
+func (s *fetchSlots) setLimit(n int) {
+	want := int64(cap(s.sem) - max(1, min(n, cap(s.sem))))
+	s.want.Store(want)
+	for {
+		p := s.parked.Load()
+		if p <= want {
+			break
+		}
+		if s.parked.CompareAndSwap(p, p-1) {
+			<-s.sem
+		}
+	}
+	for s.parked.Load() < want {
+		select {
+		case s.sem <- struct{}{}:
+			s.parked.Add(1)
+		default:
+			return // every slot is in use: the rest are parked on release
+		}
+	}
+}
+
+// limit is the number of fetches allowed in flight now.
+func (s *fetchSlots) limit() int { return cap(s.sem) - int(s.want.Load()) }
+
+// inUse is the number of fetches in flight.
+func (s *fetchSlots) inUse() int { return max(0, len(s.sem)-int(s.parked.Load())) }
+
+// Tuning of the fetch concurrency controller.
+const (
+	// limitTick is how often the controller looks at the journal.
+	limitTick = 100 * time.Millisecond
+	// initialLimit is where the limit starts, so that a burst right after
+	// a start (a takeover of many journal rows) cannot take the CPU before
+	// the controller has seen a single commit.
+	initialLimit = 1024
+	// minLimit keeps fetching going however slow the journal is: fetches
+	// must go on, or accepted callbacks would expire.
+	minLimit = 64
+	// journalTargetShare: the limiter keeps journal commits under this
+	// fraction of -journal-timeout, leaving the rest as headroom for a spike.
+	journalTargetShare = 4
+)
+
+// fetchLimiter adapts the fetch concurrency to what the machine sustains,
+// with the journal's commit latency as the signal. The Go scheduler has no
+// priorities: thousands of runnable fetch goroutines delay the goroutines
+// that write a callback's journal row and answer it. When the slowest
+// journal commit of the last tick took longer than target, the limit drops
+// to three quarters of the fetches in flight (multiplicative decrease); while
+// commits are fast and the limit is nearly used up, it grows by an eighth
+// per tick. Fetches wait in the TTL's slack; answers cannot.
+type fetchLimiter struct {
+	slots   *fetchSlots
+	target  time.Duration
+	lag     func() time.Duration // slowest journal commit since the last call
+	metrics *metrics
+}
+
+func newFetchLimiter(slots *fetchSlots, target time.Duration, lag func() time.Duration, m *metrics) *fetchLimiter {
+	m.fetchLimit.Set(int64(slots.limit()))
+	return &fetchLimiter{slots: slots, target: target, lag: lag, metrics: m}
+}
+
+func (l *fetchLimiter) run(ctx context.Context) {
+	t := time.NewTicker(limitTick)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		l.adjust(l.lag())
+	}
+}
+
+// adjust applies one tick's worth of signal to the limit.
+func (l *fetchLimiter) adjust(lag time.Duration) {
+	limit, inUse := l.slots.limit(), l.slots.inUse()
+	hardCap := cap(l.slots.sem)
+	next := limit
+	switch {
+	case lag > l.target:
+		next = max(min(minLimit, hardCap), min(limit, inUse)*3/4)
+	case inUse >= limit*7/8:
+		next = min(hardCap, limit+max(1, limit/8))
+	}
+	if next != limit {
+		l.slots.setLimit(next)
+		l.metrics.fetchLimit.Set(int64(l.slots.limit()))
+	}
+}
