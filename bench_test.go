@@ -69,7 +69,10 @@ func BenchmarkCallbackHandler(b *testing.B) {
 	p.store.setUp(nil)
 	ctx, cancel := context.WithCancel(context.Background())
 	var loops sync.WaitGroup
-	for _, loop := range []func(context.Context){p.store.runJournalWriter, p.store.runJournalWriter, p.store.runApplyWriter, p.store.runApplyWriter} {
+	for _, loop := range []func(context.Context){
+		func(ctx context.Context) { p.store.runJournalWriter(ctx, 0) },
+		func(ctx context.Context) { p.store.runJournalWriter(ctx, 1) },
+		p.store.runApplyWriter, p.store.runApplyWriter} {
 		loops.Add(1)
 		go func() { defer loops.Done(); loop(ctx) }()
 	}

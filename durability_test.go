@@ -203,7 +203,8 @@ func TestSIGKILLAndRestartLosesNoAcknowledgedCallback(t *testing.T) {
 
 // busyLoops keeps every core busy for the rest of the test, as other
 // processes on a shared machine do. Each loop is bounded by timeout(1), so
-// none outlives a test binary that dies.
+// none outlives a test binary that dies; the cleanup sends SIGTERM, which
+// timeout passes on to its loop (a SIGKILL would orphan the loop).
 func busyLoops(t *testing.T) {
 	t.Helper()
 	for range runtime.NumCPU() {
@@ -212,7 +213,7 @@ func busyLoops(t *testing.T) {
 			t.Fatalf("start busy loop: %v", err)
 		}
 		t.Cleanup(func() {
-			_ = cmd.Process.Kill()
+			_ = cmd.Process.Signal(syscall.SIGTERM)
 			_ = cmd.Wait()
 		})
 	}

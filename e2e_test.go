@@ -110,7 +110,7 @@ func TestPanicDuringProcessingLeavesServiceServing(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
 	g := &guard{log: discardLogger(), metrics: p.metrics}
-	for _, loop := range []func(context.Context){p.store.keepConnected, p.store.runJournalWriter, p.store.runApplyWriter} {
+	for _, loop := range []func(context.Context){p.store.keepConnected, func(ctx context.Context) { p.store.runJournalWriter(ctx, 0) }, p.store.runApplyWriter} {
 		go g.loop(ctx, "test", loop)
 	}
 	srv := httptest.NewServer(p.handler)

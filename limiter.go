@@ -87,6 +87,10 @@ const (
 	// minLimit keeps fetching going however slow the journal is: fetches
 	// must go on, or accepted callbacks would expire.
 	minLimit = 64
+	// limitCooldown is how long a decrease is given to show before the
+	// next one: fetches take 0.3-4 s, so in-flight work drains slowly, and
+	// cutting again every tick would drive the limit to the floor.
+	limitCooldown = time.Second
 	// journalTargetShare: the limiter keeps journal commits under this
 	// fraction of -journal-timeout, leaving the rest as headroom for a spike.
 	journalTargetShare = 4
@@ -97,14 +101,16 @@ const (
 // priorities: thousands of runnable fetch goroutines delay the goroutines
 // that write a callback's journal row and answer it. When the slowest
 // journal commit of the last tick took longer than target, the limit drops
-// to three quarters of the fetches in flight (multiplicative decrease); while
-// commits are fast and the limit is nearly used up, it grows by an eighth
-// per tick. Fetches wait in the TTL's slack; answers cannot.
+// to three quarters of the fetches in flight (multiplicative decrease, at
+// most once per cooldown); while commits take under half the target and the
+// limit is nearly used up, it grows by a sixteenth per tick. Fetches wait in
+// the TTL's slack; answers cannot.
 type fetchLimiter struct {
 	slots   *fetchSlots
 	target  time.Duration
 	lag     func() time.Duration // slowest journal commit since the last call
 	metrics *metrics
+	lastCut time.Time
 }
 
 func newFetchLimiter(slots *fetchSlots, target time.Duration, lag func() time.Duration, m *metrics) *fetchLimiter {
@@ -121,20 +127,23 @@ func (l *fetchLimiter) run(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		l.adjust(l.lag())
+		l.adjust(time.Now(), l.lag())
 	}
 }
 
 // adjust applies one tick's worth of signal to the limit.
-func (l *fetchLimiter) adjust(lag time.Duration) {
+func (l *fetchLimiter) adjust(now time.Time, lag time.Duration) {
 	limit, inUse := l.slots.limit(), l.slots.inUse()
 	hardCap := cap(l.slots.sem)
 	next := limit
 	switch {
 	case lag > l.target:
-		next = max(min(minLimit, hardCap), min(limit, inUse)*3/4)
-	case inUse >= limit*7/8:
-		next = min(hardCap, limit+max(1, limit/8))
+		if now.Sub(l.lastCut) >= limitCooldown {
+			next = max(min(minLimit, hardCap), min(limit, inUse)*3/4)
+			l.lastCut = now
+		}
+	case lag <= l.target/2 && inUse >= limit*7/8:
+		next = min(hardCap, limit+max(1, limit/16))
 	}
 	if next != limit {
 		l.slots.setLimit(next)

@@ -53,7 +53,8 @@ func TestFetchLimiterAdjusts(t *testing.T) {
 		{"slow journal cuts to 3/4 of the fetches in flight", 800, 800, 200 * time.Millisecond, 600},
 		{"slow journal with the limit mostly unused", 800, 400, 200 * time.Millisecond, 300},
 		{"never below the floor", 80, 80, time.Second, minLimit},
-		{"fast journal and the limit used: grow by an eighth", 800, 790, 10 * time.Millisecond, 900},
+		{"fast journal and the limit used: grow by a sixteenth", 800, 790, 10 * time.Millisecond, 850},
+		{"journal near the target: hold", 800, 790, 40 * time.Millisecond, 800},
 		{"fast journal and the limit unused: stay", 800, 100, 10 * time.Millisecond, 800},
 		{"never above the hard cap", 1000, 1000, 0, 1024},
 	}
@@ -64,7 +65,7 @@ func TestFetchLimiterAdjusts(t *testing.T) {
 				s.acquire(context.Background())
 			}
 			l := newFetchLimiter(s, target, nil, newMetrics())
-			l.adjust(tt.lag)
+			l.adjust(time.Now(), tt.lag)
 			if got := s.limit(); got != tt.want {
 				t.Errorf("limit %d, want %d", got, tt.want)
 			}
@@ -72,5 +73,25 @@ func TestFetchLimiterAdjusts(t *testing.T) {
 				t.Errorf("gauge %d, want %d", got, tt.want)
 			}
 		})
+	}
+}
+
+// After a cut the limiter waits for in-flight fetches to drain before it
+// cuts again, instead of driving the limit to the floor in a few ticks.
+func TestFetchLimiterCutsOncePerCooldown(t *testing.T) {
+	s := newFetchSlots(1024, 1000)
+	for range 1000 {
+		s.acquire(context.Background())
+	}
+	l := newFetchLimiter(s, 50*time.Millisecond, nil, newMetrics())
+	now := time.Now()
+	l.adjust(now, time.Second)
+	l.adjust(now.Add(limitTick), time.Second)
+	if got := s.limit(); got != 750 {
+		t.Fatalf("limit %d after two slow ticks within the cooldown, want one cut to 750", got)
+	}
+	l.adjust(now.Add(limitCooldown), time.Second)
+	if got := s.limit(); got != 750*3/4 {
+		t.Fatalf("limit %d after the cooldown, want a second cut to %d", got, 750*3/4)
 	}
 }

@@ -89,7 +89,7 @@ func parseConfig(args []string, getenv func(string) string, out io.Writer) (conf
 	fs.DurationVar(&c.grace, "grace", 10*time.Second, "on SIGTERM/SIGINT, how long to finish in-flight callbacks before leaving the rest in the journal")
 	fs.IntVar(&c.maxBacklog, "max-backlog", 20000, "most callbacks held in memory; past it callbacks get 503 with Retry-After")
 	fs.IntVar(&c.maxBacklogIDs, "max-backlog-ids", 4000000, "most object ids held in memory across callbacks; past it callbacks get 503 with Retry-After")
-	fs.DurationVar(&c.journalTimeout, "journal-timeout", 250*time.Millisecond, "how long a callback waits for its journal write before it is accepted into memory only")
+	fs.DurationVar(&c.journalTimeout, "journal-timeout", 500*time.Millisecond, "how long a callback's answer waits for its journal row; a write still in progress then goes on, and its commit is counted as late")
 	fs.DurationVar(&c.lease, "lease", 5*time.Second, "how long a journal row stays claimed without renewal; another instance takes it over after that")
 	fs.DurationVar(&c.fetchTimeout, "fetch-timeout", 5*time.Second, "time limit for one request to the object service (it may take up to 4s)")
 	fs.IntVar(&c.dbConns, "db-conns", 12, "most open PostgreSQL connections")
@@ -199,8 +199,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 		}()
 	}
 	startLoop("store", store.keepConnected)
-	for range journalWriters {
-		startLoop("journal-writer", store.runJournalWriter)
+	for i := range journalWriters {
+		startLoop("journal-writer", func(ctx context.Context) { store.runJournalWriter(ctx, i) })
 	}
 	for range applyWriters {
 		startLoop("apply-writer", store.runApplyWriter)

@@ -58,7 +58,8 @@ type Store struct {
 	checked chan struct{} // closed when the first connection attempt has an outcome
 	cameUp  chan struct{} // signalled when the database becomes ready
 
-	journalLag atomic.Int64 // slowest receipt-to-commit since the last look, ns
+	journalLag atomic.Int64                 // slowest receipt-to-commit since the last look, ns
+	writing    [journalWriters]atomic.Int64 // per writer: receipt of the oldest callback being written, unix ns; 0 when idle
 	lastWarn   time.Time    // rate-limits the warnings of the write paths
 }
 
@@ -359,14 +360,16 @@ func collect(ctx context.Context, q chan *storeReq, batch []*storeReq, max int) 
 // runJournalWriter writes queued journal requests in batches, on the
 // connections reserved for the journal, and records each outcome on its
 // callback.
-func (s *Store) runJournalWriter(ctx context.Context) {
+func (s *Store) runJournalWriter(ctx context.Context, writer int) {
 	var batch []*storeReq
 	for ctx.Err() == nil {
 		batch = collect(ctx, s.journalQ, batch[:0], journalBatch)
 		if len(batch) == 0 {
 			continue
 		}
+		s.writing[writer].Store(batch[0].cb.receivedAt.UnixNano())
 		err := s.writeJournal(ctx, batch)
+		s.writing[writer].Store(0)
 		now := time.Now()
 		s.noteJournalLag(now.Sub(batch[0].cb.receivedAt))
 		for _, r := range batch {
@@ -394,9 +397,18 @@ func (s *Store) noteJournalLag(d time.Duration) {
 	}
 }
 
-// TakeJournalLag returns the slowest journal commit since the last call.
+// TakeJournalLag returns how far behind the journal is: the slowest commit
+// since the last call, or the age of the oldest callback still being
+// written if that is more (a stalled write commits nothing to report).
 func (s *Store) TakeJournalLag() time.Duration {
-	return time.Duration(s.journalLag.Swap(0))
+	lag := time.Duration(s.journalLag.Swap(0))
+	now := time.Now().UnixNano()
+	for i := range s.writing {
+		if since := s.writing[i].Load(); since != 0 {
+			lag = max(lag, time.Duration(now-since))
+		}
+	}
+	return lag
 }
 
 // writeJournal commits the rows of a batch. While the database is up a

@@ -211,7 +211,7 @@ func TestJournalWaitsForTheFirstConnection(t *testing.T) {
 	p := newParts(t, testConfig(t, "-dsn", dsn), nil)
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
-	go p.store.runJournalWriter(ctx)
+	go p.store.runJournalWriter(ctx, 0)
 
 	first := newCallback(time.Now(), []int64{1})
 	done := make(chan struct{})
