@@ -60,7 +60,7 @@ type Store struct {
 
 	journalLag atomic.Int64                 // slowest receipt-to-commit since the last look, ns
 	writing    [journalWriters]atomic.Int64 // per writer: receipt of the oldest callback being written, unix ns; 0 when idle
-	lastWarn   time.Time    // rate-limits the warnings of the write paths
+	lastWarn   time.Time                    // rate-limits the warnings of the write paths
 }
 
 // Writers and their tuning.
