@@ -13,7 +13,7 @@ test:
 	scripts/with-postgres go test -race -count=1 -p 1 ./...
 
 bench: build
-	scripts/with-postgres go run ./bench -service bin/objtrack -sim bin/sim
+	scripts/with-postgres bin/sim -mode bench -service bin/objtrack
 
 # Go benchmarks of the decoder, the handler, the fetch path and the upsert
 # path; compare runs with benchstat.

@@ -19,7 +19,7 @@ import (
 //
 //	make gobench
 //
-// The load benchmark of the whole service is make bench (./bench).
+// The load benchmark of the whole service is make bench (sim -mode bench).
 
 func randomBody(n int) []byte {
 	ids := make([]int64, n)
@@ -62,21 +62,12 @@ func (instantObjects) RoundTrip(r *http.Request) (*http.Response, error) {
 func BenchmarkCallbackHandler(b *testing.B) {
 	dsn := testDSN(b)
 	cfg := testConfig(b, "-dsn", dsn, "-upstream", "http://objects.invalid")
-	p := newParts(b, cfg, instantObjects{})
-	if err := p.store.applySchema(context.Background()); err != nil {
+	p := testApp(b, cfg, instantObjects{})
+	if err := p.db.applySchema(context.Background()); err != nil {
 		b.Fatal(err)
 	}
-	p.store.setUp(nil)
-	ctx, cancel := context.WithCancel(context.Background())
-	var loops sync.WaitGroup
-	for _, loop := range []func(context.Context){
-		func(ctx context.Context) { p.store.runJournalWriter(ctx, 0) },
-		func(ctx context.Context) { p.store.runJournalWriter(ctx, 1) },
-		p.store.runApplyWriter, p.store.runApplyWriter} {
-		loops.Add(1)
-		go func() { defer loops.Done(); loop(ctx) }()
-	}
-	b.Cleanup(func() { cancel(); loops.Wait() })
+	p.db.setUp(nil)
+	p.start()
 
 	bodies := make([][]byte, 64)
 	for i := range bodies {
@@ -90,7 +81,7 @@ func BenchmarkCallbackHandler(b *testing.B) {
 		for pb.Next() {
 			rec := httptest.NewRecorder()
 			req := httptest.NewRequest(http.MethodPost, "/callback", bytes.NewReader(bodies[i%len(bodies)]))
-			p.handler.ServeHTTP(rec, req)
+			p.handler().ServeHTTP(rec, req)
 			if rec.Code != http.StatusAccepted || !strings.Contains(rec.Body.String(), `"journaled":true`) {
 				b.Errorf("status %d %s, want 202 journaled", rec.Code, rec.Body)
 				return
@@ -106,27 +97,27 @@ func BenchmarkCallbackHandler(b *testing.B) {
 // forward and half are inserts.
 func BenchmarkApply(b *testing.B) {
 	for _, table := range []int{100000, 1000000} {
-		p := dbParts(b)
-		if _, err := p.store.db.Exec(`INSERT INTO objects SELECT g, now() - interval '10 seconds' FROM generate_series(0, $1 - 1) g`, table); err != nil {
+		p := dbApp(b)
+		if _, err := p.db.main.Exec(`INSERT INTO objects SELECT g, now() - interval '10 seconds' FROM generate_series(0, $1 - 1) g`, table); err != nil {
 			b.Fatal(err)
 		}
-		if _, err := p.store.db.Exec(`VACUUM ANALYZE objects`); err != nil {
+		if _, err := p.db.main.Exec(`VACUUM ANALYZE objects`); err != nil {
 			b.Fatal(err)
 		}
 		for _, rows := range []int{100, 1000, 10000} {
 			b.Run(fmt.Sprintf("table=%d/rows=%d", table, rows), func(b *testing.B) {
 				b.ReportAllocs()
 				for b.Loop() {
-					batch := make([]*storeReq, rows/100)
+					batch := make([]*writeReq, rows/100)
 					for i := range batch {
 						ids := make([]int64, 100)
 						for j := range ids {
 							ids[j] = rand.Int64N(2 * int64(table))
 						}
 						cb := newCallback(time.Now().Truncate(time.Microsecond), dedupe(ids))
-						batch[i] = &storeReq{cb: cb, online: cb.ids, final: true}
+						batch[i] = &writeReq{cb: cb, online: cb.objectIDs, completes: true, done: make(chan error, 1)}
 					}
-					if _, _, err := p.store.applyBatch(context.Background(), batch); err != nil {
+					if err := p.writer.applyBatch(context.Background(), batch); err != nil {
 						b.Fatal(err)
 					}
 				}
@@ -139,7 +130,7 @@ func BenchmarkApply(b *testing.B) {
 // BenchmarkLookup is the fetch path with the network taken out: a callback
 // of 200 new ids through the semaphore, the flights and the answer check.
 func BenchmarkLookup(b *testing.B) {
-	p := newParts(b, testConfig(b, "-upstream", "http://objects.invalid"), instantObjects{})
+	p := testApp(b, testConfig(b, "-upstream", "http://objects.invalid"), instantObjects{})
 	next := int64(0)
 	b.ReportAllocs()
 	for b.Loop() {

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -106,16 +105,11 @@ func TestPanicDuringProcessingLeavesServiceServing(t *testing.T) {
 	dsn := testDSN(t)
 	db := openDB(t, dsn)
 	up := newUpstream(t, 0, nil)
-	p := newParts(t, testConfig(t, "-dsn", dsn, "-upstream", up.URL), &panicky{next: http.DefaultTransport, target: "/objects/13"})
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	g := &guard{log: discardLogger(), metrics: p.metrics}
-	for _, loop := range []func(context.Context){p.store.keepConnected, func(ctx context.Context) { p.store.runJournalWriter(ctx, 0) }, p.store.runApplyWriter} {
-		go g.loop(ctx, "test", loop)
-	}
-	srv := httptest.NewServer(p.handler)
+	p := testApp(t, testConfig(t, "-dsn", dsn, "-upstream", up.URL), &panicky{next: http.DefaultTransport, target: "/objects/13"})
+	p.start()
+	srv := httptest.NewServer(p.handler())
 	t.Cleanup(srv.Close)
-	eventually(t, 5*time.Second, "database ready", func() bool { return p.store.Ready() == nil })
+	eventually(t, 5*time.Second, "database ready", func() bool { return p.db.ready() == nil })
 
 	postTimed(t, srv.URL, 12, 13, 14)
 	eventually(t, 5*time.Second, "ids 12 and 14 in the table", func() bool { return len(objectsIn(t, db)) == 2 })

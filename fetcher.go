@@ -17,7 +17,7 @@ import (
 	"time"
 )
 
-// Fetcher asks the object service whether objects are online.
+// fetcher asks the object service whether objects are online.
 //
 // One semaphore (a buffered channel) bounds the requests in flight across all
 // callbacks. With coalescing on, lookups of an id that is already being
@@ -25,7 +25,7 @@ import (
 // carries the waiters of every callback that asked for its id and hands each
 // the one answer (the model is golang.org/x/sync/singleflight, without a
 // goroutine per waiter).
-type Fetcher struct {
+type fetcher struct {
 	client       *http.Client
 	objectsURL   string // upstream + "/objects/"
 	slots        *fetchSlots
@@ -43,8 +43,8 @@ type Fetcher struct {
 // flight is one fetch of one id, with everyone waiting for its answer.
 type flight struct {
 	id       int64
-	deadline time.Time // the latest deadline of its waiters; guarded by Fetcher.mu
-	waiters  []waiter  // guarded by Fetcher.mu
+	deadline time.Time // the latest deadline of its waiters; guarded by fetcher.mu
+	waiters  []waiter  // guarded by fetcher.mu
 }
 
 // waiter is one callback's slot for the answer about one id.
@@ -53,17 +53,35 @@ type waiter struct {
 	wg   *sync.WaitGroup
 }
 
-// maxDials bounds the connections to the object service being opened at
-// once.
-const maxDials = 64
+// Tuning of the requests to the object service.
+const (
+	// maxDials bounds the connections being opened at once.
+	maxDials = 64
+	// dialTimeout: the object service is expected close by; a dial that
+	// takes longer is a failed attempt, retried.
+	dialTimeout = 2 * time.Second
+	// tcpKeepAlive probes idle connections, so a dead peer is noticed.
+	tcpKeepAlive = 30 * time.Second
+	// idleConnTimeout closes connections a quiet spell left unused.
+	idleConnTimeout = 90 * time.Second
+	// Answers are a few dozen bytes: small buffers keep ten thousand
+	// connections cheap.
+	readBufferSize  = 2048
+	writeBufferSize = 1024
+	// maxAnswer bounds how much of an answer is read.
+	maxAnswer = 64 << 10
+	// Backoff between failed attempts of one fetch, with full jitter.
+	fetchRetryMin = 50 * time.Millisecond
+	fetchRetryMax = 2 * time.Second
+)
 
 // newFetcher builds the fetcher. A nil transport means the tuned default.
-func newFetcher(cfg config, transport http.RoundTripper, log *slog.Logger, m *metrics, g *guard) *Fetcher {
+func newFetcher(cfg config, transport http.RoundTripper, log *slog.Logger, m *metrics, g *guard) *fetcher {
 	if transport == nil {
-		dialer := &net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}
+		dialer := &net.Dialer{Timeout: dialTimeout, KeepAlive: tcpKeepAlive}
 		transport = newTransport(cfg, dialer.DialContext)
 	}
-	return &Fetcher{
+	return &fetcher{
 		client:       &http.Client{Transport: transport, Timeout: cfg.fetchTimeout},
 		objectsURL:   strings.TrimRight(cfg.upstream, "/") + "/objects/",
 		slots:        newFetchSlots(cfg.maxInflight, min(cfg.maxInflight, initialLimit)),
@@ -106,14 +124,12 @@ func newTransport(cfg config, dial func(ctx context.Context, network, addr strin
 		// way leaves one more idle socket, and the total can grow past the
 		// open-file limit that -max-inflight was sized to.
 		MaxConnsPerHost:       cfg.maxInflight,
-		IdleConnTimeout:       90 * time.Second,
-		TLSHandshakeTimeout:   2 * time.Second,
+		IdleConnTimeout:       idleConnTimeout,
+		TLSHandshakeTimeout:   dialTimeout,
 		ResponseHeaderTimeout: cfg.fetchTimeout,
 		DisableCompression:    true,
-		// Answers are a few dozen bytes: small buffers keep ten thousand
-		// connections cheap.
-		ReadBufferSize:  2048,
-		WriteBufferSize: 1024,
+		ReadBufferSize:        readBufferSize,
+		WriteBufferSize:       writeBufferSize,
 	}
 }
 
@@ -121,17 +137,17 @@ func newTransport(cfg config, dial func(ctx context.Context, network, addr strin
 // result: an answer, resultExpired once the callback's deadline passed, or
 // resultAborted when ctx ends. It returns when the last lookup has started,
 // which waits for semaphore slots.
-func (f *Fetcher) lookupAll(ctx context.Context, cb *callback, wg *sync.WaitGroup) {
-	wg.Add(len(cb.ids))
+func (f *fetcher) lookupAll(ctx context.Context, cb *callback, wg *sync.WaitGroup) {
+	wg.Add(len(cb.objectIDs))
 	deadline := cb.receivedAt.Add(f.ttl)
-	for i, id := range cb.ids {
+	for i, id := range cb.objectIDs {
 		f.lookup(ctx, id, deadline, waiter{slot: &cb.results[i], wg: wg})
 	}
 }
 
 // lookup joins the flight for id or starts one. Starting one waits for a
 // semaphore slot, which is what holds back a flood of new ids.
-func (f *Fetcher) lookup(ctx context.Context, id int64, deadline time.Time, w waiter) {
+func (f *fetcher) lookup(ctx context.Context, id int64, deadline time.Time, w waiter) {
 	fl := &flight{id: id, deadline: deadline, waiters: []waiter{w}}
 	if f.coalesce {
 		f.mu.Lock()
@@ -148,13 +164,13 @@ func (f *Fetcher) lookup(ctx context.Context, id int64, deadline time.Time, w wa
 		f.mu.Unlock()
 	}
 	if !f.acquire(ctx) {
-		f.land(fl, resultAborted)
+		f.deliver(fl, resultAborted)
 		return
 	}
-	go f.fly(ctx, fl)
+	go f.fetch(ctx, fl)
 }
 
-func (f *Fetcher) acquire(ctx context.Context) bool {
+func (f *fetcher) acquire(ctx context.Context) bool {
 	if !f.slots.acquire(ctx) {
 		return false
 	}
@@ -162,19 +178,19 @@ func (f *Fetcher) acquire(ctx context.Context) bool {
 	return true
 }
 
-func (f *Fetcher) release() {
+func (f *fetcher) release() {
 	f.slots.release()
 	f.metrics.fetchesInFlight.Add(-1)
 }
 
-// fly fetches fl.id, holding a semaphore slot on entry, and retries failed
-// attempts with exponential backoff and full jitter until the latest
-// deadline of its waiters. The slot is released while it sleeps.
-func (f *Fetcher) fly(ctx context.Context, fl *flight) {
+// fetch gets the answer for fl.id, holding a semaphore slot on entry, and
+// retries failed attempts with exponential backoff and full jitter until the
+// latest deadline of its waiters. The slot is released while it sleeps.
+func (f *fetcher) fetch(ctx context.Context, fl *flight) {
 	outcome := resultAborted
-	defer func() { f.land(fl, outcome) }()
-	defer f.guard.recover("fetch")
-	backoff := 50 * time.Millisecond
+	defer func() { f.deliver(fl, outcome) }()
+	defer f.guard.catch("fetch")
+	backoff := fetchRetryMin
 	for {
 		start := time.Now()
 		online, kind, err := f.attempt(ctx, fl.id)
@@ -194,7 +210,7 @@ func (f *Fetcher) fly(ctx context.Context, fl *flight) {
 		f.log.Debug("fetch failed", "id", fl.id, "outcome", kind, "err", err)
 
 		sleep := time.Duration(rand.Int64N(int64(backoff)) + 1)
-		backoff = min(2*backoff, 2*time.Second)
+		backoff = min(2*backoff, fetchRetryMax)
 		f.mu.Lock()
 		deadline := fl.deadline
 		f.mu.Unlock()
@@ -214,9 +230,9 @@ func (f *Fetcher) fly(ctx context.Context, fl *flight) {
 	}
 }
 
-// land hands the outcome to every waiter of fl. Taking fl out of the map
+// deliver hands the outcome to every waiter of fl. Taking fl out of the map
 // under the lock first means no waiter can join after the answer is out.
-func (f *Fetcher) land(fl *flight, r result) {
+func (f *fetcher) deliver(fl *flight, r result) {
 	f.mu.Lock()
 	if f.coalesce && f.flights[fl.id] == fl {
 		delete(f.flights, fl.id)
@@ -254,7 +270,7 @@ type objectAnswer struct {
 // attempt is one GET of one object. Only a 200 with a JSON body naming the
 // id asked for counts; everything else is a failed attempt, and so is a panic
 // (in a transport, say), which must not strand the flight's waiters.
-func (f *Fetcher) attempt(ctx context.Context, id int64) (online bool, outcome string, err error) {
+func (f *fetcher) attempt(ctx context.Context, id int64) (online bool, outcome string, err error) {
 	defer func() {
 		if r := recover(); r != nil {
 			f.guard.panicked("fetch", r)
@@ -273,8 +289,8 @@ func (f *Fetcher) attempt(ctx context.Context, id int64) (online bool, outcome s
 		return false, outcomeTransport, fmt.Errorf("get object %d: %w", id, err)
 	}
 	// Reading the body to the end lets the connection be reused.
-	body, readErr := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
-	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+	body, readErr := io.ReadAll(io.LimitReader(resp.Body, maxAnswer))
+	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, maxAnswer))
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
 		return false, outcomeStatus, fmt.Errorf("get object %d: status %d", id, resp.StatusCode)

@@ -13,7 +13,7 @@ import (
 )
 
 // resolveAll resolves callbacks concurrently, as the pipeline does.
-func resolveAll(f *Fetcher, cbs ...*callback) {
+func resolveAll(f *fetcher, cbs ...*callback) {
 	var wg sync.WaitGroup
 	for _, cb := range cbs {
 		wg.Add(1)
@@ -43,7 +43,7 @@ func distinctCallbacks(n, size int) []*callback {
 
 func wantResults(t *testing.T, cb *callback) {
 	t.Helper()
-	for i, id := range cb.ids {
+	for i, id := range cb.objectIDs {
 		want := resultOffline
 		if id%2 == 0 {
 			want = resultOnline
@@ -56,7 +56,7 @@ func wantResults(t *testing.T, cb *callback) {
 
 func TestSemaphoreBoundsFetchesAcrossCallbacks(t *testing.T) {
 	up := newUpstream(t, 30*time.Millisecond, nil)
-	p := newParts(t, testConfig(t, "-upstream", up.URL, "-max-inflight", "4"), nil)
+	p := testApp(t, testConfig(t, "-upstream", up.URL, "-max-inflight", "4"), nil)
 	cbs := distinctCallbacks(5, 12)
 	resolveAll(p.fetcher, cbs...)
 	for _, cb := range cbs {
@@ -77,7 +77,7 @@ func TestCoalescing(t *testing.T) {
 	}{{"true", 1}, {"false", 10}} {
 		t.Run("coalesce="+tt.coalesce, func(t *testing.T) {
 			up := newUpstream(t, 300*time.Millisecond, nil)
-			p := newParts(t, testConfig(t, "-upstream", up.URL, "-coalesce="+tt.coalesce), nil)
+			p := testApp(t, testConfig(t, "-upstream", up.URL, "-coalesce="+tt.coalesce), nil)
 			var cbs []*callback
 			for range 10 {
 				cbs = append(cbs, newCallback(time.Now(), []int64{42, 43}))
@@ -131,7 +131,7 @@ func TestFailedAttemptsAreRetried(t *testing.T) {
 				}
 				return false
 			})
-			p := newParts(t, testConfig(t, "-upstream", up.URL, "-fetch-timeout", "200ms"), nil)
+			p := testApp(t, testConfig(t, "-upstream", up.URL, "-fetch-timeout", "200ms"), nil)
 			cb := newCallback(time.Now(), []int64{6, 7})
 			resolveAll(p.fetcher, cb)
 			wantResults(t, cb)
@@ -153,16 +153,16 @@ func TestLookupGivesUpAtDeadline(t *testing.T) {
 		http.Error(w, "down", 503)
 		return true
 	})
-	p := newParts(t, testConfig(t, "-upstream", up.URL, "-ttl", "400ms"), nil)
+	p := testApp(t, testConfig(t, "-upstream", up.URL, "-ttl", "400ms"), nil)
 	cb := newCallback(time.Now(), []int64{1, 2})
 	start := time.Now()
 	resolveAll(p.fetcher, cb)
 	if d := time.Since(start); d > 2*time.Second {
 		t.Errorf("gave up after %s, want about the 400ms TTL", d)
 	}
-	for i := range cb.ids {
+	for i := range cb.objectIDs {
 		if r := cb.result(i); r != resultExpired {
-			t.Errorf("id %d: result %d, want expired", cb.ids[i], r)
+			t.Errorf("id %d: result %d, want expired", cb.objectIDs[i], r)
 		}
 	}
 	if up.count(1) < 2 {
@@ -189,7 +189,7 @@ func (p *panicky) RoundTrip(r *http.Request) (*http.Response, error) {
 
 func TestPanicDuringFetchIsRetried(t *testing.T) {
 	up := newUpstream(t, 0, nil)
-	p := newParts(t, testConfig(t, "-upstream", up.URL), &panicky{next: http.DefaultTransport, target: "/objects/13"})
+	p := testApp(t, testConfig(t, "-upstream", up.URL), &panicky{next: http.DefaultTransport, target: "/objects/13"})
 	cb := newCallback(time.Now(), []int64{12, 13, 14})
 	resolveAll(p.fetcher, cb)
 	wantResults(t, cb)
@@ -224,7 +224,7 @@ func TestConnectionsNeverExceedFetchSlots(t *testing.T) {
 		return &countedConn{Conn: c, open: &open}, nil
 	}
 	cfg := testConfig(t, "-upstream", srv.URL, "-max-inflight", "64")
-	p := newParts(t, cfg, newTransport(cfg, dial))
+	p := testApp(t, cfg, newTransport(cfg, dial))
 	resolveAll(p.fetcher, distinctCallbacks(400, 40)...)
 	if got := peak.Load(); got > 64 {
 		t.Errorf("%d connections open at once, want at most the 64 fetch slots", got)

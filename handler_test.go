@@ -5,8 +5,6 @@ import (
 	"errors"
 	"net/http"
 	"net/http/httptest"
-	"slices"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -14,7 +12,7 @@ import (
 
 func TestCallbackRejectsBadInput(t *testing.T) {
 	cfg := testConfig(t, "-max-ids", "5", "-max-body", "200")
-	h := newParts(t, cfg, nil).handler
+	h := testApp(t, cfg, nil).handler()
 	tests := []struct {
 		name, method, body string
 		status             int
@@ -68,39 +66,15 @@ func TestCallbackRejectsBadInput(t *testing.T) {
 	}
 }
 
-func TestDecodeCallbackAccepts(t *testing.T) {
-	tests := []struct {
-		name, body string
-		want       []int64
-	}{
-		{"empty list", `{"object_ids": []}`, []int64{}},
-		{"duplicates removed and sorted", `{"object_ids": [3, 1, 3, 2, 1]}`, []int64{1, 2, 3}},
-		{"unknown fields ignored", `{"sender": "x", "object_ids": [5], "extra": {"a": [1]}}`, []int64{5}},
-		{"extremes", `{"object_ids": [-9223372036854775808, 9223372036854775807, 0, -1]}`, []int64{-9223372036854775808, -1, 0, 9223372036854775807}},
-		{"whitespace around", " \n{\"object_ids\":[7]}\n ", []int64{7}},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			got, err := decodeCallback(strings.NewReader(tt.body), 10)
-			if err != nil {
-				t.Fatalf("decode: %v", err)
-			}
-			if !slices.Equal(got, tt.want) {
-				t.Errorf("ids %v, want %v", got, tt.want)
-			}
-		})
-	}
-}
-
 // With the database known to be down the callback is still accepted, into
 // memory, at once: there is no point making the sender wait.
 func TestCallbackAcceptedWithoutDatabase(t *testing.T) {
 	up := newUpstream(t, 0, nil)
-	p := newParts(t, testConfig(t, "-upstream", up.URL), nil)
-	p.store.setUp(errors.New("connection refused"))
+	p := testApp(t, testConfig(t, "-upstream", up.URL), nil)
+	p.db.setUp(errors.New("connection refused"))
 	start := time.Now()
 	rec := httptest.NewRecorder()
-	p.handler.ServeHTTP(rec, httptest.NewRequest("POST", "/callback", strings.NewReader(`{"object_ids":[1,2,2]}`)))
+	p.handler().ServeHTTP(rec, httptest.NewRequest("POST", "/callback", strings.NewReader(`{"object_ids":[1,2,2]}`)))
 	if rec.Code != http.StatusAccepted {
 		t.Fatalf("status %d (%s), want 202", rec.Code, rec.Body)
 	}
@@ -119,11 +93,11 @@ func TestCallbackAcceptedWithoutDatabase(t *testing.T) {
 
 func TestBacklogFullAnswers503(t *testing.T) {
 	up := newUpstream(t, time.Hour, nil) // lookups never finish: callbacks stay in memory
-	p := newParts(t, testConfig(t, "-upstream", up.URL, "-max-backlog", "3"), nil)
+	p := testApp(t, testConfig(t, "-upstream", up.URL, "-max-backlog", "3"), nil)
 	codes := map[int]int{}
 	for i := range 6 {
 		rec := httptest.NewRecorder()
-		p.handler.ServeHTTP(rec, httptest.NewRequest("POST", "/callback", strings.NewReader(idsBody(int64(i)))))
+		p.handler().ServeHTTP(rec, httptest.NewRequest("POST", "/callback", strings.NewReader(idsBody(int64(i)))))
 		codes[rec.Code]++
 		if rec.Code == http.StatusServiceUnavailable && rec.Header().Get("Retry-After") == "" {
 			t.Error("503 without Retry-After")
@@ -146,53 +120,4 @@ func TestPanicInHandlerIs500(t *testing.T) {
 	if rec.Code != 500 || m.panics.Value() != 1 {
 		t.Errorf("status %d panics %d, want 500 and 1", rec.Code, m.panics.Value())
 	}
-}
-
-// FuzzDecodeCallback: the decoder never panics, accepts only valid JSON,
-// returns sorted unique ids within the limit, rejects with a 4xx, and agrees
-// with encoding/json plus strconv about which ids a body holds.
-func FuzzDecodeCallback(f *testing.F) {
-	for _, s := range []string{
-		`{"object_ids":[1,2,3]}`, `{"object_ids":[]}`, `{"object_ids":[1.5]}`, `{"object_ids":["1"]}`,
-		`{"object_ids":[9223372036854775807,-9223372036854775808]}`, `{"object_ids":[1]} x`, `[]`, ``, `{`,
-		`{"object_ids":[null]}`, `{"a":{"b":[1,{"c":"\u00e9"}]},"object_ids":[4,4]}`,
-	} {
-		f.Add([]byte(s))
-	}
-	f.Fuzz(func(t *testing.T, body []byte) {
-		ids, err := decodeCallback(strings.NewReader(string(body)), 50)
-		if err != nil {
-			var bad *badRequest
-			if !errors.As(err, &bad) || bad.status < 400 || bad.status > 499 || bad.msg == "" {
-				t.Fatalf("error %v is not a 4xx badRequest", err)
-			}
-			return
-		}
-		if !json.Valid(body) {
-			t.Fatalf("accepted invalid JSON %q", body)
-		}
-		if len(ids) > 50 || !slices.IsSorted(ids) || len(slices.Compact(slices.Clone(ids))) != len(ids) {
-			t.Fatalf("ids %v: want sorted, unique, at most 50", ids)
-		}
-		var ref struct {
-			ObjectIDs []json.Number `json:"object_ids"`
-		}
-		dec := json.NewDecoder(strings.NewReader(string(body)))
-		dec.UseNumber()
-		if err := dec.Decode(&ref); err != nil {
-			t.Fatalf("accepted %q, which encoding/json rejects: %v", body, err)
-		}
-		var want []int64
-		for _, n := range ref.ObjectIDs {
-			id, err := strconv.ParseInt(string(n), 10, 64)
-			if err != nil {
-				t.Fatalf("accepted %q with id %s: %v", body, n, err)
-			}
-			want = append(want, id)
-		}
-		slices.Sort(want)
-		if want = slices.Compact(want); !slices.Equal(ids, want) && len(ids)+len(want) > 0 {
-			t.Fatalf("%q: ids %v, encoding/json says %v", body, ids, want)
-		}
-	})
 }

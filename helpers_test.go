@@ -376,31 +376,14 @@ func hasFlag(args []string, name string) bool {
 
 func discardLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
 
-// parts are the service's components wired like run() does, without the
-// background loops, for tests of one piece.
-type parts struct {
-	cfg     config
-	metrics *metrics
-	store   *Store
-	fetcher *Fetcher
-	pipe    *pipeline
-	handler http.Handler
-}
-
-func newParts(t testing.TB, cfg config, transport http.RoundTripper) *parts {
+// testApp builds the service as run() does, without starting its background
+// loops, for tests of one piece; it is closed when the test ends.
+func testApp(t testing.TB, cfg config, transport http.RoundTripper) *app {
 	t.Helper()
-	log := discardLogger()
-	m := newMetrics()
-	g := &guard{log: log, metrics: m}
-	store, err := newStore(cfg, log, m)
+	a, err := newApp(cfg, discardLogger(), transport)
 	if err != nil {
-		t.Fatalf("newStore: %v", err)
+		t.Fatalf("newApp: %v", err)
 	}
-	f := newFetcher(cfg, transport, log, m, g)
-	p := newPipeline(cfg, f, store, log, m, g)
-	t.Cleanup(func() {
-		p.abort()
-		store.Close()
-	})
-	return &parts{cfg: cfg, metrics: m, store: store, fetcher: f, pipe: p, handler: routes(cfg, p, store, m, log, g)}
+	t.Cleanup(a.close)
+	return a
 }

@@ -6,25 +6,33 @@ import (
 	"time"
 )
 
-// journalKeeper looks after the journal in the background: it renews the
-// leases of the callbacks this instance holds, deletes rows past the TTL, and
-// takes over rows whose lease ran out, from an instance that crashed or from
-// this service's previous run.
+// journalKeeper looks after the journal in the background: it writes the
+// rows of callbacks accepted into memory only, renews the leases of the
+// callbacks this instance holds, deletes rows past the TTL, and takes over
+// rows whose lease ran out, from an instance that crashed or from this
+// service's previous run.
 type journalKeeper struct {
-	store   *Store
+	store   *store
+	db      *database
 	pipe    *pipeline
 	ttl     time.Duration
 	lease   time.Duration
 	every   time.Duration
 	log     *slog.Logger
 	metrics *metrics
+	guard   *guard
 }
 
-func newJournalKeeper(cfg config, s *Store, p *pipeline, log *slog.Logger, m *metrics) *journalKeeper {
+// maxClaim bounds the journal rows taken over in one round, so that a
+// takeover of a large journal comes in steps the fetch limiter can follow.
+const maxClaim = 1000
+
+func newJournalKeeper(cfg config, s *store, db *database, p *pipeline, log *slog.Logger, m *metrics, g *guard) *journalKeeper {
 	// Rounds at least five times per lease keep a held row's lease alive
 	// through a few failed rounds; at least once a second so that parked or
 	// orphaned rows are taken over soon after their lease runs out.
-	return &journalKeeper{store: s, pipe: p, ttl: cfg.ttl, lease: cfg.lease, every: min(cfg.lease/5, time.Second), log: log, metrics: m}
+	return &journalKeeper{store: s, db: db, pipe: p, ttl: cfg.ttl, lease: cfg.lease,
+		every: min(cfg.lease/5, time.Second), log: log, metrics: m, guard: g}
 }
 
 func (k *journalKeeper) run(ctx context.Context) {
@@ -33,7 +41,7 @@ func (k *journalKeeper) run(ctx context.Context) {
 	for {
 		switch {
 		case k.pipe.stopped(): // shutdown parks what is left
-		case k.store.Ready() == nil:
+		case k.db.ready() == nil:
 			k.round(ctx)
 		default:
 			k.pipe.setMemoryOnly(k.pipe.memoryOnly())
@@ -45,7 +53,7 @@ func (k *journalKeeper) run(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-		case <-k.store.cameUp:
+		case <-k.db.cameUp:
 		}
 	}
 }
@@ -55,31 +63,26 @@ func (k *journalKeeper) round(ctx context.Context) {
 	defer cancel()
 	k.rejournal(ctx)
 	now := time.Now()
-	if err := k.store.RenewLeases(ctx, k.pipe.heldJournalIDs(), now.Add(k.lease)); err != nil {
-		k.store.warn("renewing journal leases failed", "err", err)
+	if err := k.store.renewLeases(ctx, k.pipe.heldJournalIDs(), now.Add(k.lease)); err != nil {
+		k.guard.warn("renewing journal leases failed", "err", err)
 	}
-	if n, err := k.store.DropExpired(ctx, now.Add(-k.ttl)); err != nil {
-		k.store.warn("dropping expired journal rows failed", "err", err)
+	if n, err := k.store.dropExpired(ctx, now.Add(-k.ttl)); err != nil {
+		k.guard.warn("dropping expired journal rows failed", "err", err)
 	} else if n > 0 {
 		k.metrics.journalExpired.Add(uint64(n))
 		k.log.Warn("dropped journal rows older than the TTL", "rows", n)
 	}
-	if room := min(k.pipe.room(), 1000); room > 0 {
-		cbs, err := k.store.Claim(ctx, now, room)
+	if room := min(k.pipe.room(), maxClaim); room > 0 {
+		rows, err := k.store.claim(ctx, now, now.Add(k.lease), now.Add(-k.ttl), room)
 		if err != nil {
-			k.store.warn("taking over journal rows failed", "err", err)
+			k.guard.warn("taking over journal rows failed", "err", err)
 		}
-		for _, cb := range cbs {
-			if k.pipe.admit(cb, true) == nil {
-				k.pipe.start(cb)
-			}
-		}
-		if len(cbs) > 0 {
-			k.metrics.journalReplayed.Add(uint64(len(cbs)))
-			k.log.Info("took over journal rows", "callbacks", len(cbs), "oldest", cbs[0].receivedAt)
+		if n := k.pipe.resume(rows); n > 0 {
+			k.metrics.journalReplayed.Add(uint64(n))
+			k.log.Info("took over journal rows", "callbacks", n, "oldest", rows[0].receivedAt)
 		}
 	}
-	if n, err := k.store.JournalDepth(ctx); err == nil {
+	if n, err := k.store.journalDepth(ctx); err == nil {
 		k.metrics.journalDepth.Set(n)
 	}
 }
@@ -89,14 +92,10 @@ func (k *journalKeeper) round(ctx context.Context) {
 // crash from now on loses none of them.
 func (k *journalKeeper) rejournal(ctx context.Context) {
 	cbs := k.pipe.unjournaled()
-	if len(cbs) == 0 {
-		k.pipe.setMemoryOnly(0)
-		return
-	}
 	for start := 0; start < len(cbs); start += journalBatch {
 		chunk := cbs[start:min(start+journalBatch, len(cbs))]
-		if err := k.store.Rejournal(ctx, chunk); err != nil {
-			k.store.warn("journaling callbacks held in memory failed; will retry", "callbacks", len(cbs)-start, "err", err)
+		if err := k.writeRows(ctx, chunk); err != nil {
+			k.guard.warn("journaling callbacks held in memory failed; will retry", "callbacks", len(cbs)-start, "err", err)
 			for _, cb := range cbs[start+len(chunk):] {
 				cb.endJournal(false)
 			}
@@ -104,6 +103,24 @@ func (k *journalKeeper) rejournal(ctx context.Context) {
 			return
 		}
 	}
-	k.log.Info("journaled callbacks that were held in memory only", "callbacks", len(cbs))
+	if len(cbs) > 0 {
+		k.log.Info("journaled callbacks that were held in memory only", "callbacks", len(cbs))
+	}
 	k.pipe.setMemoryOnly(0)
+}
+
+// writeRows writes the rows of callbacks that were accepted into memory
+// only; the caller has called beginJournal on each.
+func (k *journalKeeper) writeRows(ctx context.Context, cbs []*callback) error {
+	err := k.store.insertJournal(ctx, k.db.main, journalRows(cbs), time.Now().Add(k.lease))
+	if err != nil {
+		k.metrics.dbErrors.Inc("journal")
+	}
+	for _, cb := range cbs {
+		cb.endJournal(err == nil)
+	}
+	if err == nil {
+		k.metrics.journalRejournaled.Add(uint64(len(cbs)))
+	}
+	return err
 }

@@ -96,6 +96,39 @@ const (
 	journalTargetShare = 4
 )
 
+// lagMeter measures how far behind the journal is: the slowest commit
+// since the last look (receipt to commit), or the age of the oldest callback
+// still being written if that is more (a stalled write commits nothing to
+// report). Journal writer n calls begin and end around each batch.
+type lagMeter struct {
+	slowest atomic.Int64                 // ns
+	writing [journalWriters]atomic.Int64 // receipt of the oldest callback being written, unix ns; 0 when idle
+}
+
+func (m *lagMeter) begin(n int, oldest time.Time) { m.writing[n].Store(oldest.UnixNano()) }
+
+func (m *lagMeter) end(n int, took time.Duration) {
+	m.writing[n].Store(0)
+	for {
+		cur := m.slowest.Load()
+		if int64(took) <= cur || m.slowest.CompareAndSwap(cur, int64(took)) {
+			return
+		}
+	}
+}
+
+// take returns the lag and starts a new look.
+func (m *lagMeter) take() time.Duration {
+	lag := time.Duration(m.slowest.Swap(0))
+	now := time.Now().UnixNano()
+	for i := range m.writing {
+		if since := m.writing[i].Load(); since != 0 {
+			lag = max(lag, time.Duration(now-since))
+		}
+	}
+	return lag
+}
+
 // fetchLimiter adapts the fetch concurrency to what the machine sustains,
 // with the journal's commit latency as the signal. The Go scheduler has no
 // priorities: thousands of runnable fetch goroutines delay the goroutines

@@ -4,175 +4,19 @@ import (
 	"context"
 	"errors"
 	"log/slog"
-	"math/rand/v2"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
 )
 
-// callback is one accepted callback on its way to the table.
-type callback struct {
-	id         int64     // journal row id, random so instances never collide
-	receivedAt time.Time // becomes last_seen; the service's wall clock, µs precision
-	ids        []int64   // sorted, without duplicates
-
-	// The journal state, guarded by jmu: the handler, the journal writer,
-	// the journal keeper and the callback's own processing all look at it.
-	jmu      sync.Mutex
-	jstate   journalState
-	jwait    chan struct{} // closed when a write in progress ends
-	answered bool          // the handler answered while the write was in progress
-
-	// results[i] is set once, by the lookup of ids[i], and read while other
-	// lookups are still landing, hence atomic.
-	results []atomic.Uint32
-	// written[i] says ids[i] went to the table in an early flush; only the
-	// goroutine processing the callback touches it.
-	written []bool
-}
-
-// result is what a lookup of one id came to.
-type result uint8
-
-const (
-	resultPending result = iota
-	resultOnline
-	resultOffline
-	resultExpired // no answer before the callback's deadline
-	resultAborted // shutdown: the callback stays in the journal
-)
-
-// journalState is where a callback's journal row stands.
-type journalState uint8
-
-const (
-	journalMissing journalState = iota // in memory only: no row committed yet
-	journalWriting                     // a write is in progress
-	journalWritten                     // the row is committed
-	journalClosed                      // applied without a row: never write one now
-)
-
-// beginJournal marks a write as in progress, unless the callback already has
-// a row, has a write under way, or is being applied.
-func (cb *callback) beginJournal() bool {
-	cb.jmu.Lock()
-	defer cb.jmu.Unlock()
-	if cb.jstate != journalMissing {
-		return false
-	}
-	cb.jstate = journalWriting
-	cb.jwait = make(chan struct{})
-	return true
-}
-
-// endJournal records the outcome of the write begun by beginJournal and says
-// whether the handler had already answered.
-func (cb *callback) endJournal(committed bool) (answeredBefore bool) {
-	cb.jmu.Lock()
-	defer cb.jmu.Unlock()
-	cb.jstate = journalMissing
-	if committed {
-		cb.jstate = journalWritten
-	}
-	close(cb.jwait)
-	cb.jwait = nil
-	answered := cb.answered
-	cb.answered = false
-	return answered
-}
-
-// answerEarly is called when the answer deadline passes: if the write is
-// still in progress it goes on, and its outcome is counted as late.
-func (cb *callback) answerEarly() bool {
-	cb.jmu.Lock()
-	defer cb.jmu.Unlock()
-	if cb.jstate != journalWriting {
-		return false
-	}
-	cb.answered = true
-	return true
-}
-
-// journaled says whether the callback's row is committed.
-func (cb *callback) journaled() bool {
-	cb.jmu.Lock()
-	defer cb.jmu.Unlock()
-	return cb.jstate == journalWritten
-}
-
-// closeJournal is called before the apply that would delete the callback's
-// journal row. It waits for a write in progress, so that a late insert can
-// never land after that delete and leave a stray row, and stops a callback
-// that has no row from getting one.
-func (cb *callback) closeJournal(ctx context.Context) error {
-	cb.jmu.Lock()
-	for cb.jstate == journalWriting {
-		w := cb.jwait
-		cb.jmu.Unlock()
-		select {
-		case <-w:
-		case <-ctx.Done():
-			return ctx.Err()
-		}
-		cb.jmu.Lock()
-	}
-	if cb.jstate == journalMissing {
-		cb.jstate = journalClosed
-	}
-	cb.jmu.Unlock()
-	return nil
-}
-
-func newCallback(receivedAt time.Time, ids []int64) *callback {
-	return &callback{
-		id:         rand.Int64(),
-		receivedAt: receivedAt,
-		ids:        ids,
-		results:    make([]atomic.Uint32, len(ids)),
-		written:    make([]bool, len(ids)),
-	}
-}
-
-func (cb *callback) result(i int) result { return result(cb.results[i].Load()) }
-
-// takeOnline returns the ids found online and not yet written, and marks
-// them written.
-func (cb *callback) takeOnline() []int64 {
-	var out []int64
-	for i := range cb.ids {
-		if !cb.written[i] && cb.result(i) == resultOnline {
-			cb.written[i] = true
-			out = append(out, cb.ids[i])
-		}
-	}
-	return out
-}
-
-// aborted says whether some lookup ended without an answer.
-func (cb *callback) aborted() bool {
-	for i := range cb.ids {
-		if cb.result(i) == resultAborted {
-			return true
-		}
-	}
-	return false
-}
-
-// dedupe sorts ids and removes repeats in place.
-func dedupe(ids []int64) []int64 {
-	slices.Sort(ids)
-	return slices.Compact(ids)
-}
-
-var errBacklogFull = errors.New("backlog full")
-
 // pipeline owns every callback held in memory, from acceptance to the commit
-// that applies it, and bounds how many there are.
+// that applies it, and bounds how many there are. New callbacks come in
+// through accept, callbacks taken over from the journal through resume.
 type pipeline struct {
 	cfg     config
-	fetcher *Fetcher
-	store   *Store
+	fetcher *fetcher
+	writer  *writer
+	db      *database
 	log     *slog.Logger
 	metrics *metrics
 	guard   *guard
@@ -190,36 +34,14 @@ type pipeline struct {
 	heldIDs int
 }
 
-func newPipeline(cfg config, f *Fetcher, s *Store, log *slog.Logger, m *metrics, g *guard) *pipeline {
+func newPipeline(cfg config, f *fetcher, w *writer, db *database, log *slog.Logger, m *metrics, g *guard) *pipeline {
 	ctx, abort := context.WithCancel(context.Background())
 	return &pipeline{
-		cfg: cfg, fetcher: f, store: s, log: log, metrics: m, guard: g,
+		cfg: cfg, fetcher: f, writer: w, db: db, log: log, metrics: m, guard: g,
 		ctx: ctx, abort: abort,
 		held: make(map[int64]*callback),
 	}
 }
-
-// admit takes cb into memory unless the backlog is full. Replayed journal
-// rows are forced in: the journal keeper only claims what fits, and a row it
-// claimed must not be left with a lease nobody renews.
-func (p *pipeline) admit(cb *callback, force bool) error {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if _, dup := p.held[cb.id]; dup {
-		return errDuplicate
-	}
-	if !force && (len(p.held) >= p.cfg.maxBacklog || p.heldIDs+len(cb.ids) > p.cfg.maxBacklogIDs) {
-		return errBacklogFull
-	}
-	p.held[cb.id] = cb
-	p.heldIDs += len(cb.ids)
-	p.wg.Add(1)
-	p.metrics.callbacksInMemory.Set(int64(len(p.held)))
-	p.metrics.idsInMemory.Set(int64(p.heldIDs))
-	return nil
-}
-
-var errDuplicate = errors.New("callback already in memory")
 
 // accepted is what the sender is told about an accepted callback.
 type accepted struct {
@@ -230,9 +52,9 @@ type accepted struct {
 // accept takes a callback received at receivedAt into the pipeline: admit
 // (or errBacklogFull), journal, start its lookups. The journal comes before
 // any fetch work for the callback.
-func (p *pipeline) accept(receivedAt time.Time, ids []int64) (accepted, error) {
-	cb := newCallback(receivedAt, ids)
-	if err := p.admit(cb, false); err != nil {
+func (p *pipeline) accept(receivedAt time.Time, objectIDs []int64) (accepted, error) {
+	cb := newCallback(receivedAt, objectIDs)
+	if err := p.admit(cb); err != nil {
 		return accepted{}, err
 	}
 	journaled := p.journal(cb)
@@ -241,7 +63,53 @@ func (p *pipeline) accept(receivedAt time.Time, ids []int64) (accepted, error) {
 		p.warnMemoryOnly()
 	}
 	p.start(cb)
-	return accepted{journalID: cb.id, journaled: journaled}, nil
+	return accepted{journalID: cb.journalID, journaled: journaled}, nil
+}
+
+// resume takes over journal rows that the journal keeper claimed and starts
+// them; it returns how many it took (a row already in memory is skipped).
+// Claimed rows are taken even past the backlog bound: the keeper only claims
+// what fits, and a claimed row must not be left with a lease nobody renews.
+func (p *pipeline) resume(rows []journalRow) int {
+	n := 0
+	for _, r := range rows {
+		cb := resumed(r)
+		if p.adopt(cb) == nil {
+			p.start(cb)
+			n++
+		}
+	}
+	return n
+}
+
+// admit takes a new callback into memory unless the backlog is full.
+func (p *pipeline) admit(cb *callback) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if len(p.held) >= p.cfg.maxBacklog || p.heldIDs+len(cb.objectIDs) > p.cfg.maxBacklogIDs {
+		return errBacklogFull
+	}
+	return p.hold(cb)
+}
+
+// adopt takes a resumed callback into memory whatever the backlog.
+func (p *pipeline) adopt(cb *callback) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.hold(cb)
+}
+
+// hold adds cb to the callbacks in memory; p.mu is held.
+func (p *pipeline) hold(cb *callback) error {
+	if _, dup := p.held[cb.journalID]; dup {
+		return errDuplicate
+	}
+	p.held[cb.journalID] = cb
+	p.heldIDs += len(cb.objectIDs)
+	p.wg.Add(1)
+	p.metrics.callbacksInMemory.Set(int64(len(p.held)))
+	p.metrics.idsInMemory.Set(int64(p.heldIDs))
+	return nil
 }
 
 // journal writes cb's journal row, waiting for it at most -journal-timeout.
@@ -251,7 +119,7 @@ func (p *pipeline) journal(cb *callback) bool {
 	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.journalTimeout)
 	defer cancel()
 	cb.beginJournal()
-	p.store.Journal(ctx, cb)
+	p.writer.journal(ctx, cb)
 	return !cb.answerEarly() && cb.journaled()
 }
 
@@ -261,14 +129,11 @@ func (p *pipeline) warnMemoryOnly() {
 	if p.memoryOnlyTold.Swap(true) {
 		return
 	}
-	p.log.Warn("callbacks answered before their journal row was committed; they are journaled as soon as the database allows", "database", errString(p.store.Ready()))
-}
-
-func errString(err error) string {
-	if err == nil {
-		return "up"
+	state := "up"
+	if err := p.db.ready(); err != nil {
+		state = err.Error()
 	}
-	return err.Error()
+	p.log.Warn("callbacks answered before their journal row was committed; they are journaled as soon as the database allows", "database", state)
 }
 
 // unjournaled takes the callbacks in memory that have no journal row and no
@@ -301,9 +166,9 @@ func (p *pipeline) memoryOnly() int {
 
 // setMemoryOnly records how many callbacks are in memory without a journal
 // row; once none are, the next episode is logged again.
-func (p *pipeline) setMemoryOnly(memoryOnly int) {
-	p.metrics.callbacksMemoryOnly.Set(int64(memoryOnly))
-	if memoryOnly == 0 && p.memoryOnlyTold.Swap(false) {
+func (p *pipeline) setMemoryOnly(n int) {
+	p.metrics.callbacksMemoryOnly.Set(int64(n))
+	if n == 0 && p.memoryOnlyTold.Swap(false) {
 		p.log.Info("every callback in memory has its journal row again")
 	}
 }
@@ -318,11 +183,11 @@ func (p *pipeline) room() int {
 func (p *pipeline) forget(cb *callback) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if _, ok := p.held[cb.id]; !ok {
+	if _, ok := p.held[cb.journalID]; !ok {
 		return
 	}
-	delete(p.held, cb.id)
-	p.heldIDs -= len(cb.ids)
+	delete(p.held, cb.journalID)
+	p.heldIDs -= len(cb.objectIDs)
 	p.metrics.callbacksInMemory.Set(int64(len(p.held)))
 	p.metrics.idsInMemory.Set(int64(p.heldIDs))
 }
@@ -368,7 +233,7 @@ func (p *pipeline) process(cb *callback) {
 	p.fetcher.lookupAll(p.ctx, cb, &lookups)
 	done := make(chan struct{})
 	go func() {
-		defer p.guard.recover("wait for lookups")
+		defer p.guard.catch("wait for lookups")
 		lookups.Wait()
 		close(done)
 	}()
@@ -380,11 +245,10 @@ func (p *pipeline) process(cb *callback) {
 			waiting = false
 		case <-flush.C:
 			if rows := cb.takeOnline(); len(rows) > 0 {
-				// Upserts only: the journal row stays until the final apply.
-				if err := p.store.Apply(p.ctx, cb, rows, false); p.ctx.Err() != nil {
+				if err := p.writer.flush(p.ctx, cb, rows); p.ctx.Err() != nil {
 					return
 				} else if err != nil && !errors.Is(err, errExpired) {
-					p.log.Warn("early flush failed", "journal_id", cb.id, "err", err)
+					p.log.Warn("early flush failed", "journal_id", cb.journalID, "err", err)
 				}
 			}
 		}
@@ -401,34 +265,41 @@ func (p *pipeline) process(cb *callback) {
 	if cb.closeJournal(p.ctx) != nil {
 		return
 	}
-	switch err := p.store.Apply(p.ctx, cb, cb.takeOnline(), true); {
+	switch err := p.writer.complete(p.ctx, cb, cb.takeOnline()); {
 	case err == nil:
 		p.metrics.completion.Observe(time.Since(cb.receivedAt).Seconds())
 	case errors.Is(err, errExpired):
-		p.log.Debug("callback expired before it could be applied", "journal_id", cb.id, "received_at", cb.receivedAt)
+		p.log.Debug("callback expired before it could be applied", "journal_id", cb.journalID, "received_at", cb.receivedAt)
 	default: // aborted by shutdown
 		return
 	}
 	p.forget(cb)
 }
 
+// recoverTimeout bounds parking a callback whose processing panicked.
+const recoverTimeout = 2 * time.Second
+
 // recoverCallback hands a callback whose processing panicked back to the
 // journal with an expired lease, so that it is replayed rather than lost.
 func (p *pipeline) recoverCallback(cb *callback) {
-	ctx, cancel := context.WithTimeout(p.ctx, 2*time.Second)
+	ctx, cancel := context.WithTimeout(p.ctx, recoverTimeout)
 	defer cancel()
-	if err := p.store.Park(ctx, []*callback{cb}); err != nil {
-		p.log.Error("could not journal a callback after a panic; it is lost", "journal_id", cb.id, "ids", len(cb.ids), "err", err)
+	if err := p.writer.park(ctx, []*callback{cb}); err != nil {
+		p.log.Error("could not journal a callback after a panic; it is lost", "journal_id", cb.journalID, "ids", len(cb.objectIDs), "err", err)
 	}
 	p.forget(cb)
 }
+
+// unwindTimeout is how long drain waits, after aborting, for callbacks to
+// notice and stop.
+const unwindTimeout = 5 * time.Second
 
 // drain waits for the callbacks in memory until ctx ends, then aborts the
 // rest and reports how many are left unfinished.
 func (p *pipeline) drain(ctx context.Context) int {
 	done := make(chan struct{})
 	go func() {
-		defer p.guard.recover("drain")
+		defer p.guard.catch("drain")
 		p.wg.Wait()
 		close(done)
 	}()
@@ -438,7 +309,7 @@ func (p *pipeline) drain(ctx context.Context) int {
 		p.abort()
 		select {
 		case <-done:
-		case <-time.After(5 * time.Second):
+		case <-time.After(unwindTimeout):
 			p.log.Warn("callbacks still unwinding after abort")
 		}
 	}

@@ -10,15 +10,21 @@ import (
 // if one round is slow, the ticker drops the ticks it missed rather than
 // queueing a burst of rounds.
 type reaper struct {
-	store   *Store
+	store   *store
+	db      *database
 	ttl     time.Duration
 	every   time.Duration
 	log     *slog.Logger
 	metrics *metrics
+	guard   *guard
 }
 
-func newReaper(cfg config, s *Store, log *slog.Logger, m *metrics) *reaper {
-	return &reaper{store: s, ttl: cfg.ttl, every: cfg.reapEvery, log: log, metrics: m}
+// minReapTimeout bounds one round even when -reap-every is short: deleting a
+// large backlog of old rows after an outage takes a while.
+const minReapTimeout = 5 * time.Second
+
+func newReaper(cfg config, s *store, db *database, log *slog.Logger, m *metrics, g *guard) *reaper {
+	return &reaper{store: s, db: db, ttl: cfg.ttl, every: cfg.reapEvery, log: log, metrics: m, guard: g}
 }
 
 func (r *reaper) run(ctx context.Context) {
@@ -30,7 +36,7 @@ func (r *reaper) run(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		if r.store.Ready() != nil {
+		if r.db.ready() != nil {
 			continue
 		}
 		r.round(ctx)
@@ -38,11 +44,11 @@ func (r *reaper) run(ctx context.Context) {
 }
 
 func (r *reaper) round(ctx context.Context) {
-	ctx, cancel := context.WithTimeout(ctx, max(r.every, 5*time.Second))
+	ctx, cancel := context.WithTimeout(ctx, max(r.every, minReapTimeout))
 	defer cancel()
-	n, err := r.store.Reap(ctx, time.Now().Add(-r.ttl))
+	n, err := r.store.reap(ctx, time.Now().Add(-r.ttl))
 	if err != nil {
-		r.store.warn("reaping failed", "err", err)
+		r.guard.warn("reaping failed", "err", err)
 		return
 	}
 	r.metrics.rowsReaped.Add(uint64(n))

@@ -2,17 +2,23 @@
 // sends callbacks to the service (-target) and serves the slow object service
 // the service asks (-listen), and, given the database (-dsn), checks the
 // objects table against what it sent while the run goes on and at its end.
+// In bench mode it measures the service under a series of loads, running
+// itself for each of them (bench.go).
 //
 //	sim                              # reference load: a callback every 5 s
 //	sim -rate 20 -unique -ids-min 200 -duration 30s
 //	sim -mode upstream               # only the object service
 //	sim -mode ceiling -ceiling-target http://127.0.0.1:9010 -concurrency 1000
+//	sim -mode bench -service bin/objtrack   # the load benchmark (make bench)
 //
 // It exits 0 when nothing was missed and the table was exact, 1 when not,
-// and 2 when it could not start.
+// and 2 when it could not start; in bench mode 0 once the table is printed
+// and 1 when a measurement could not be made.
 package main
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"database/sql"
 	"encoding/json"
@@ -23,6 +29,9 @@ import (
 	"log"
 	"os"
 	"os/signal"
+	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -58,7 +67,14 @@ type config struct {
 	json          bool
 	concurrency   int
 	ceilingTarget string
+	// bench mode
+	service     string
+	refDuration time.Duration
+	uniqueRates []float64
 }
+
+// modes are the values of -mode.
+var modes = []string{"run", "upstream", "ceiling", "bench"}
 
 func main() {
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
@@ -68,10 +84,18 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	var c config
 	fs := flag.NewFlagSet("sim", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	fs.StringVar(&c.mode, "mode", "run", "run: send callbacks, serve the object service and check the table; upstream: only serve the object service; ceiling: measure a bare client's GETs per second against the object service")
+	fs.StringVar(&c.mode, "mode", "run", "one of "+strings.Join(modes, ", ")+"\n"+
+		"run: send callbacks, serve the object service and check the table;\n"+
+		"upstream: only serve the object service;\n"+
+		"ceiling: measure a bare client's GETs per second against the object service;\n"+
+		"bench: the load benchmark: start -service afresh for each load (reference,\n"+
+		"duplicate-heavy, then unique ids at each of -unique-rates until one does not\n"+
+		"hold), drive it with this program in run mode, then measure the ceiling at the\n"+
+		"service's peak fetch concurrency, and print one table; it needs -dsn and reads\n"+
+		"only -service, -dsn, -duration, -ref-duration and -unique-rates")
 	fs.StringVar(&c.target, "target", "http://localhost:9090/callback", "the service's callback URL")
 	fs.StringVar(&c.listen, "listen", "localhost:9010", "address of the simulated object service (empty: do not serve it)")
-	fs.StringVar(&c.dsn, "dsn", os.Getenv("DATABASE_URL"), "PostgreSQL DSN to check the objects table in (default $DATABASE_URL; empty: no table checks)")
+	fs.StringVar(&c.dsn, "dsn", os.Getenv("DATABASE_URL"), "PostgreSQL DSN to check the objects table in (default $DATABASE_URL; empty: no table checks);\nbench mode: required, and its objects and callback_journal tables are emptied before each load")
 	fs.Float64Var(&c.rate, "rate", 0.2, "callbacks per second (open loop)")
 	fs.IntVar(&c.idsMax, "ids", 200, "most ids per callback")
 	fs.IntVar(&c.idsMin, "ids-min", 0, "fewest ids per callback")
@@ -80,7 +104,9 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.StringVar(&c.online, "online", "even", "which objects are online: even, odd, all or none")
 	fs.DurationVar(&c.latencyMin, "latency-min", 300*time.Millisecond, "shortest object-service answer time")
 	fs.DurationVar(&c.latencyMax, "latency-max", 4*time.Second, "longest object-service answer time")
-	fs.DurationVar(&c.duration, "duration", 2*time.Minute, "how long to send (0: until -count or Ctrl-C)")
+	fs.DurationVar(&c.duration, "duration", 2*time.Minute, "how long to send (0: until -count or Ctrl-C);\n"+
+		"ceiling mode: how long to measure (0 or over 2m: 20s);\n"+
+		"bench mode: sending time of the duplicate-heavy and unique loads, "+benchDuration.String()+" unless given")
 	fs.IntVar(&c.count, "count", 0, "stop after this many callbacks (0: no limit)")
 	fs.DurationVar(&c.timeout, "timeout", time.Second, "client timeout of one callback; no 2xx within it is a missed callback")
 	fs.DurationVar(&c.ttl, "ttl", 30*time.Second, "the service's -ttl")
@@ -98,14 +124,33 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.BoolVar(&c.json, "json", false, "end with one line 'SUMMARY {json}' on stdout, for scripts")
 	fs.IntVar(&c.concurrency, "concurrency", 1000, "ceiling mode: concurrent client requests")
 	fs.StringVar(&c.ceilingTarget, "ceiling-target", "", "ceiling mode: base URL of the object service (empty: serve one in this process on a free port)")
+	fs.StringVar(&c.service, "service", "bin/objtrack", "bench mode: the service binary, started afresh for each load")
+	fs.DurationVar(&c.refDuration, "ref-duration", 60*time.Second, "bench mode: sending time of the reference load")
+	rates := fs.String("unique-rates", "10,20,25,30,35,40,50", "bench mode: callback rates to step through for the unique load, until one does not hold\n(one rate and short durations make a quick check: -unique-rates 10 -duration 6s -ref-duration 5s)")
 	if err := fs.Parse(args); err != nil {
 		return c, err
+	}
+	given := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
+	if c.mode == "bench" && !given["duration"] {
+		c.duration = benchDuration
+	}
+	for _, r := range strings.Split(*rates, ",") {
+		rate, err := strconv.ParseFloat(strings.TrimSpace(r), 64)
+		if err != nil || rate <= 0 {
+			return c, fmt.Errorf("-unique-rates: %q is not a positive number", r)
+		}
+		c.uniqueRates = append(c.uniqueRates, rate)
 	}
 	switch {
 	case fs.NArg() > 0:
 		return c, fmt.Errorf("unexpected arguments: %q", fs.Args())
-	case c.mode != "run" && c.mode != "upstream" && c.mode != "ceiling":
-		return c, fmt.Errorf("-mode %q: want run, upstream or ceiling", c.mode)
+	case !slices.Contains(modes, c.mode):
+		return c, fmt.Errorf("-mode %q: want one of %s", c.mode, strings.Join(modes, ", "))
+	case c.mode == "bench" && c.dsn == "":
+		return c, errors.New("-mode bench needs -dsn or DATABASE_URL")
+	case c.mode == "bench" && (c.duration <= 0 || c.refDuration <= 0):
+		return c, errors.New("-duration and -ref-duration must be positive in bench mode")
 	case c.rate <= 0:
 		return c, errors.New("-rate must be positive")
 	case c.idsMin < 0 || c.idsMax < c.idsMin:
@@ -149,6 +194,13 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		fmt.Fprintln(stderr, "sim:", err)
 		return 2
+	}
+	if c.mode == "bench" {
+		// The first signal ends the benchmark; the processes it started
+		// are stopped on the way out.
+		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		defer stop()
+		return runBench(ctx, c, stdout, stderr)
 	}
 	raiseFileLimit()
 
@@ -392,6 +444,22 @@ func ratio(a, b float64) float64 {
 func printSummary(w io.Writer, sum map[string]any) {
 	b, _ := json.Marshal(sum)
 	fmt.Fprintf(w, "SUMMARY %s\n", b)
+}
+
+// parseSummary decodes into v the SUMMARY line that printSummary wrote
+// among the lines of out.
+func parseSummary(out []byte, v any) error {
+	sc := bufio.NewScanner(bytes.NewReader(out))
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		if js, ok := strings.CutPrefix(sc.Text(), "SUMMARY "); ok {
+			if err := json.Unmarshal([]byte(js), v); err != nil {
+				return fmt.Errorf("parse the SUMMARY line: %w", err)
+			}
+			return nil
+		}
+	}
+	return errors.New("no SUMMARY line")
 }
 
 // poller snapshots the table from the first callback to the end and hands

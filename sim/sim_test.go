@@ -5,7 +5,7 @@ import (
 	"database/sql"
 	"encoding/json"
 	"fmt"
-	"net"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -148,6 +148,10 @@ func TestFlags(t *testing.T) {
 		{[]string{"-mode", "fast"}, "-mode"},
 		{[]string{"-latency-min", "2s", "-latency-max", "1s"}, "latency"},
 		{[]string{"extra"}, "unexpected"},
+		{[]string{"-mode", "bench", "-dsn", ""}, "-dsn"},
+		{[]string{"-mode", "bench", "-dsn", "x", "-unique-rates", "10,fast"}, "-unique-rates"},
+		{[]string{"-mode", "bench", "-dsn", "x", "-ref-duration", "0s"}, "-ref-duration"},
+		{[]string{"-mode", "bench", "-dsn", "x", "-unique-rates", "10, 20", "-duration", "5s"}, ""},
 	}
 	for _, tc := range cases {
 		_, err := parseFlags(tc.args, &bytes.Buffer{})
@@ -157,6 +161,44 @@ func TestFlags(t *testing.T) {
 		case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
 			t.Errorf("%q: error %v, want one about %s", tc.args, err, tc.want)
 		}
+	}
+}
+
+// Bench mode sends its loads for 30 s unless -duration says otherwise; the
+// other modes keep their own default.
+func TestBenchDurationDefault(t *testing.T) {
+	cases := []struct {
+		args []string
+		want time.Duration
+	}{
+		{[]string{"-mode", "bench", "-dsn", "x"}, benchDuration},
+		{[]string{"-mode", "bench", "-dsn", "x", "-duration", "5s"}, 5 * sec},
+		{nil, 2 * time.Minute},
+	}
+	for _, tc := range cases {
+		c, err := parseFlags(tc.args, &bytes.Buffer{})
+		if err != nil || c.duration != tc.want {
+			t.Errorf("%q: duration %s (%v), want %s", tc.args, c.duration, err, tc.want)
+		}
+	}
+}
+
+func TestScrape(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "# HELP objtrack_fetches_total Fetches.\n# TYPE objtrack_fetches_total counter\n"+
+			"objtrack_fetches_total{outcome=\"ok\"} 3\nobjtrack_fetches_total{outcome=\"error\"} 2\n"+
+			"objtrack_fetches_in_flight 7\n")
+	}))
+	m := scrape(srv.URL)
+	if got := m.sum(metricFetches); got != 5 {
+		t.Errorf("sum of %s = %g, want 5 (%v)", metricFetches, got, m)
+	}
+	if got := m[metricFetchesInFlight]; got != 7 {
+		t.Errorf("%s = %g, want 7 (%v)", metricFetchesInFlight, got, m)
+	}
+	srv.Close()
+	if m := scrape(srv.URL); len(m) != 0 {
+		t.Errorf("scrape of a closed server = %v, want empty", m)
 	}
 }
 
@@ -246,8 +288,7 @@ func TestRunFailsWhenNothingIsStored(t *testing.T) {
 		Sent, Missed, Lost int
 		Catchup            float64 `json:"catchup_ms"`
 	}
-	line, _ := strings.CutPrefix(strings.TrimSpace(out.String()), "SUMMARY ")
-	if err := json.Unmarshal([]byte(line), &sum); err != nil {
+	if err := parseSummary(out.Bytes(), &sum); err != nil {
 		t.Fatalf("summary %q: %v", out.String(), err)
 	}
 	if sum.Sent != 5 || sum.Missed != 5 || sum.Lost != 10 || sum.Catchup != -1 {
@@ -283,37 +324,23 @@ func TestServiceUnderSimulator(t *testing.T) {
 	if out, err := exec.Command("go", "build", "-o", bin, "..").CombinedOutput(); err != nil {
 		t.Fatalf("build the service: %v\n%s", err, out)
 	}
-	svcAddr, objAddr := freeAddr(t), freeAddr(t)
-	var logs bytes.Buffer
-	svc := exec.Command(bin, "-listen", svcAddr, "-upstream", "http://"+objAddr, "-dsn", dsn, "-ttl", "5s", "-log-level", "warn")
-	svc.Stdout, svc.Stderr = &logs, &logs
-	if err := svc.Start(); err != nil {
+	objAddr, err := freeAddr()
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc, err := startService(bin, objAddr, dsn, "-ttl", "5s")
+	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		svc.Process.Signal(os.Interrupt)
-		svc.Wait()
+		svc.stop()
 		if t.Failed() {
-			t.Logf("service log:\n%s", logs.String())
+			t.Logf("service log:\n%s", svc.logs.String())
 		}
 	})
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		resp, err := http.Get("http://" + svcAddr + "/readyz")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				break
-			}
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("service not ready: %v", err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
 
 	var out, errOut bytes.Buffer
-	code := run([]string{"-target", "http://" + svcAddr + "/callback", "-listen", objAddr, "-dsn", dsn,
+	code := run([]string{"-target", svc.base + "/callback", "-listen", objAddr, "-dsn", dsn,
 		"-rate", "20", "-unique", "-ids-min", "50", "-ids", "50", "-duration", "5s",
 		"-latency-min", "50ms", "-latency-max", "500ms", "-ttl", "5s", "-settle", "10s",
 		"-json", "-status-every", "0"}, &out, &errOut)
@@ -324,8 +351,7 @@ func TestServiceUnderSimulator(t *testing.T) {
 		Catchup                      float64 `json:"catchup_ms"`
 		Pass                         bool
 	}
-	line, _ := strings.CutPrefix(strings.TrimSpace(out.String()), "SUMMARY ")
-	if err := json.Unmarshal([]byte(line), &sum); err != nil {
+	if err := parseSummary(out.Bytes(), &sum); err != nil {
 		t.Fatalf("summary %q: %v\n%s", out.String(), err, errOut.String())
 	}
 	if code != 0 || !sum.Pass || sum.Sent != 100 || sum.Accepted != 100 || sum.Missed != 0 || sum.Lost != 0 ||
@@ -363,14 +389,4 @@ func testSchema(t *testing.T) string {
 		return u.String()
 	}
 	return dsn + " search_path=" + schema
-}
-
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
 }

@@ -1,0 +1,156 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/url"
+	"strings"
+	"time"
+)
+
+// config is everything the flags set.
+type config struct {
+	listen         string
+	upstream       string
+	dsn            string
+	ttl            time.Duration
+	reapEvery      time.Duration
+	maxInflight    int
+	maxIDs         int
+	maxBody        int64
+	coalesce       bool
+	grace          time.Duration
+	maxBacklog     int
+	maxBacklogIDs  int
+	journalTimeout time.Duration
+	lease          time.Duration
+	fetchTimeout   time.Duration
+	dbConns        int
+	logLevel       string
+	logFormat      string
+	pprofAddr      string
+	healthcheck    bool
+}
+
+// envName is the environment variable that backs a flag: DATABASE_URL for
+// -dsn (the usual name), OBJTRACK_<FLAG> for the rest.
+func envName(flagName string) string {
+	if flagName == "dsn" {
+		return "DATABASE_URL"
+	}
+	return "OBJTRACK_" + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
+}
+
+// parseConfig reads flags from args, falling back to the environment for any
+// flag not given on the command line.
+func parseConfig(args []string, getenv func(string) string, out io.Writer) (config, error) {
+	var c config
+	fs := flag.NewFlagSet("objtrack", flag.ContinueOnError)
+	fs.SetOutput(out)
+	fs.StringVar(&c.listen, "listen", "localhost:9090", "address to serve callbacks, /healthz, /readyz and /metrics on")
+	fs.StringVar(&c.upstream, "upstream", "http://localhost:9010", "base URL of the object service; objects are fetched from {upstream}/objects/{id}")
+	fs.StringVar(&c.dsn, "dsn", "", "PostgreSQL connection string (URL or key=value); the password is never logged")
+	fs.DurationVar(&c.ttl, "ttl", 30*time.Second, "forget an object this long after the last callback that named it")
+	fs.DurationVar(&c.reapEvery, "reap-every", time.Second, "how often the reaper deletes rows older than -ttl")
+	fs.IntVar(&c.maxInflight, "max-inflight", 16384, "most fetches in flight to the object service at once, across all callbacks; capped by the open-file limit")
+	fs.IntVar(&c.maxIDs, "max-ids", 10000, "most object ids accepted in one callback")
+	fs.Int64Var(&c.maxBody, "max-body", 1<<20, "largest callback body accepted, in bytes")
+	fs.BoolVar(&c.coalesce, "coalesce", true, "let concurrent lookups of the same id share one request to the object service")
+	fs.DurationVar(&c.grace, "grace", 10*time.Second, "on SIGTERM/SIGINT, how long to finish in-flight callbacks before leaving the rest in the journal")
+	fs.IntVar(&c.maxBacklog, "max-backlog", 20000, "most callbacks held in memory; past it callbacks get 503 with Retry-After")
+	fs.IntVar(&c.maxBacklogIDs, "max-backlog-ids", 4000000, "most object ids held in memory across callbacks; past it callbacks get 503 with Retry-After")
+	fs.DurationVar(&c.journalTimeout, "journal-timeout", 500*time.Millisecond, "how long a callback's answer waits for its journal row; a write still in progress then goes on, and its commit is counted as late")
+	fs.DurationVar(&c.lease, "lease", 5*time.Second, "how long a journal row stays claimed without renewal; another instance takes it over after that")
+	fs.DurationVar(&c.fetchTimeout, "fetch-timeout", 5*time.Second, "time limit for one request to the object service (it may take up to 4s)")
+	fs.IntVar(&c.dbConns, "db-conns", 12, "most open PostgreSQL connections")
+	fs.StringVar(&c.logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	fs.StringVar(&c.logFormat, "log-format", "text", "log format: text or json")
+	fs.StringVar(&c.pprofAddr, "pprof", "", "serve net/http/pprof on this address (off when empty)")
+	fs.BoolVar(&c.healthcheck, "healthcheck", false, "only check that the service at -listen answers /healthz, exit 0 if so (for container health checks)")
+
+	// The environment fills in defaults; the command line overrides it.
+	var envErr error
+	fs.VisitAll(func(f *flag.Flag) {
+		env := envName(f.Name)
+		f.Usage += fmt.Sprintf(" (env %s)", env)
+		if v := getenv(env); v != "" && envErr == nil {
+			if err := f.Value.Set(v); err != nil {
+				envErr = fmt.Errorf("environment %s=%q: %w", env, v, err)
+			}
+		}
+	})
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "Usage: objtrack [flags]\n\nServes POST /callback {\"object_ids\":[...]}, looks each id up at {upstream}/objects/{id},\nand keeps online objects in the PostgreSQL table objects(id, last_seen).\n\nFlags (each falls back to the environment variable shown):\n")
+		fs.PrintDefaults()
+	}
+	if envErr != nil {
+		return c, envErr
+	}
+	if err := fs.Parse(args); err != nil {
+		return c, err
+	}
+	if fs.NArg() > 0 {
+		return c, fmt.Errorf("unexpected arguments: %q", fs.Args())
+	}
+	return c, c.validate()
+}
+
+func (c config) validate() error {
+	var errs []error
+	check := func(ok bool, format string, a ...any) {
+		if !ok {
+			errs = append(errs, fmt.Errorf(format, a...))
+		}
+	}
+	u, err := url.Parse(c.upstream)
+	check(err == nil && (u.Scheme == "http" || u.Scheme == "https") && u.Host != "", "-upstream %q: want an http(s) URL with a host", c.upstream)
+	check(c.dsn != "" || c.healthcheck, "-dsn is required (or set DATABASE_URL)")
+	check(c.ttl > 0, "-ttl must be positive")
+	check(c.reapEvery > 0, "-reap-every must be positive")
+	check(c.maxInflight > 0, "-max-inflight must be positive")
+	check(c.maxIDs > 0, "-max-ids must be positive")
+	check(c.maxBody > 0, "-max-body must be positive")
+	check(c.grace >= 0, "-grace must not be negative")
+	check(c.maxBacklog > 0, "-max-backlog must be positive")
+	check(c.maxBacklogIDs > 0, "-max-backlog-ids must be positive")
+	check(c.journalTimeout > 0 && c.journalTimeout < time.Second, "-journal-timeout must be between 0 and 1s (the sender gives up after 1s)")
+	check(c.lease >= time.Second, "-lease must be at least 1s")
+	check(c.fetchTimeout > 0, "-fetch-timeout must be positive")
+	check(c.dbConns >= 4, "-db-conns must be at least 4")
+	check(c.logFormat == "text" || c.logFormat == "json", "-log-format must be text or json")
+	var lvl slog.Level
+	check(lvl.UnmarshalText([]byte(c.logLevel)) == nil, "-log-level %q: want debug, info, warn or error", c.logLevel)
+	return errors.Join(errs...)
+}
+
+func newLogger(c config, out io.Writer) *slog.Logger {
+	var lvl slog.Level
+	_ = lvl.UnmarshalText([]byte(c.logLevel))
+	opts := &slog.HandlerOptions{Level: lvl}
+	if c.logFormat == "json" {
+		return slog.New(slog.NewJSONHandler(out, opts))
+	}
+	return slog.New(slog.NewTextHandler(out, opts))
+}
+
+// redactDSN hides the password in either DSN form so it can be logged.
+func redactDSN(dsn string) string {
+	if u, err := url.Parse(dsn); err == nil && u.Scheme != "" {
+		// lib/pq also takes the password as a query parameter.
+		if q := u.Query(); q.Has("password") {
+			q.Set("password", "xxxxx")
+			u.RawQuery = q.Encode()
+		}
+		return u.Redacted()
+	}
+	fields := strings.Fields(dsn)
+	for i, f := range fields {
+		if k, _, ok := strings.Cut(f, "="); ok && strings.EqualFold(k, "password") {
+			fields[i] = k + "=xxxxx"
+		}
+	}
+	return strings.Join(fields, " ")
+}

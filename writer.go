@@ -1,0 +1,346 @@
+package main
+
+import (
+	"cmp"
+	"context"
+	"math/rand/v2"
+	"slices"
+	"time"
+)
+
+// writer batches the callback path's writes: journal rows before the answer,
+// upserts after the lookups. Writer goroutines take whatever is queued, so
+// many callbacks share one round trip and one commit (group commit), which is
+// what lets the journal keep up with thousands of callbacks per second. The
+// rules of retry and expiry live here; the SQL is the store's.
+type writer struct {
+	store   *store
+	db      *database
+	ttl     time.Duration
+	lease   time.Duration
+	metrics *metrics
+	guard   *guard
+
+	journalQ chan *writeReq
+	applyQ   chan *writeReq
+
+	lag lagMeter // how far behind the journal is, for the fetch limiter
+}
+
+// Writers and their tuning.
+const (
+	journalWriters = 2 // goroutines writing journal rows, each with its own connection
+	applyWriters   = 2 // goroutines applying finished callbacks
+	// queueSize bounds the requests waiting for a writer; a full journal
+	// queue makes callbacks wait, up to -journal-timeout.
+	queueSize = 1024
+	// journalBatch and applyBatch are the most callbacks one statement
+	// carries: large enough to absorb a burst in one commit, small enough
+	// that one statement stays well under a second.
+	journalBatch = 512
+	applyBatch   = 1000
+	// journalAttemptTimeout bounds one journal statement; a slower one is
+	// retried, so a connection hung on a dead server cannot stall the writer.
+	journalAttemptTimeout = 5 * time.Second
+	// Backoff between failed attempts, with jitter: short for the journal,
+	// whose callers may be waiting; longer for applies, which wait out
+	// outages.
+	journalRetryMin = 20 * time.Millisecond
+	journalRetryMax = time.Second
+	applyRetryMin   = 100 * time.Millisecond
+	applyRetryMax   = 2 * time.Second
+)
+
+// writeReq is one callback waiting for a writer goroutine.
+type writeReq struct {
+	cb        *callback
+	online    []int64    // apply: the ids to upsert at cb.receivedAt
+	completes bool       // apply: also delete cb's journal row
+	done      chan error // buffered: the writer never blocks on a caller that gave up
+}
+
+func newWriter(cfg config, s *store, db *database, m *metrics, g *guard) *writer {
+	return &writer{
+		store: s, db: db, ttl: cfg.ttl, lease: cfg.lease, metrics: m, guard: g,
+		journalQ: make(chan *writeReq, queueSize),
+		applyQ:   make(chan *writeReq, queueSize),
+	}
+}
+
+// journal writes cb's journal row; the caller has called cb.beginJournal.
+// It returns once the row is committed, the write has failed, or ctx ends,
+// whichever comes first. When ctx ends first the write is not abandoned: it
+// goes on, and its outcome is recorded on cb (cb.endJournal). When the
+// database is known to be down it fails at once: the callback stays in
+// memory only and the journal keeper writes its row when the database is
+// back.
+func (w *writer) journal(ctx context.Context, cb *callback) {
+	if w.db.ready() != nil {
+		// Right after start the first connection may still be under way:
+		// wait for its outcome within ctx. Once the database is known to be
+		// down, fail fast: no point making the sender wait for it.
+		w.db.waitFirstCheck(ctx)
+		if w.db.ready() != nil {
+			cb.endJournal(false)
+			return
+		}
+	}
+	r := &writeReq{cb: cb, done: make(chan error, 1)}
+	select {
+	case w.journalQ <- r:
+	case <-ctx.Done():
+		cb.endJournal(false) // never queued: the keeper writes it later
+		return
+	}
+	select {
+	case <-r.done:
+	case <-ctx.Done():
+	}
+}
+
+// flush upserts online, ids of cb found so far, at cb's receipt time; the
+// journal row stays. complete upserts the last of them and deletes the
+// journal row in the same statement. Both retry through database outages
+// until the callback expires (errExpired).
+func (w *writer) flush(ctx context.Context, cb *callback, online []int64) error {
+	return w.apply(ctx, &writeReq{cb: cb, online: online})
+}
+
+func (w *writer) complete(ctx context.Context, cb *callback, online []int64) error {
+	return w.apply(ctx, &writeReq{cb: cb, online: online, completes: true})
+}
+
+func (w *writer) apply(ctx context.Context, r *writeReq) error {
+	r.done = make(chan error, 1)
+	select {
+	case w.applyQ <- r:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	select {
+	case err := <-r.done:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// collect waits for one request and then takes whatever else is queued, up
+// to max, so that a busy writer batches and an idle one does not wait.
+func collect(ctx context.Context, q chan *writeReq, batch []*writeReq, max int) []*writeReq {
+	if len(batch) == 0 {
+		select {
+		case r := <-q:
+			batch = append(batch, r)
+		case <-ctx.Done():
+			return batch
+		}
+	}
+	for len(batch) < max {
+		select {
+		case r := <-q:
+			batch = append(batch, r)
+		default:
+			return batch
+		}
+	}
+	return batch
+}
+
+// runJournalWriter writes queued journal requests in batches, on the
+// connections reserved for the journal, and records each outcome on its
+// callback. n numbers the writer, for the lag it reports.
+func (w *writer) runJournalWriter(ctx context.Context, n int) {
+	var batch []*writeReq
+	for ctx.Err() == nil {
+		batch = collect(ctx, w.journalQ, batch[:0], journalBatch)
+		if len(batch) == 0 {
+			continue
+		}
+		w.lag.begin(n, batch[0].cb.receivedAt)
+		err := w.writeJournal(ctx, batch)
+		now := time.Now()
+		w.lag.end(n, now.Sub(batch[0].cb.receivedAt))
+		for _, r := range batch {
+			late := r.cb.endJournal(err == nil)
+			if err == nil {
+				w.metrics.journalWrites.Inc()
+				w.metrics.journalCommit.Observe(now.Sub(r.cb.receivedAt).Seconds())
+				if late {
+					w.metrics.journalLate.Inc()
+				}
+			}
+			r.done <- err
+		}
+	}
+}
+
+// writeJournal commits the rows of a batch. While the database is up a
+// failed attempt is retried, however long it takes: callbacks may already
+// have been answered, and their rows are what makes that answer true. It
+// gives up only when the database is known to be down (those callbacks stay
+// in memory and the journal keeper writes them when it is back), when every
+// callback of the batch is past the TTL, or at shutdown.
+func (w *writer) writeJournal(ctx context.Context, batch []*writeReq) error {
+	rows := make([]journalRow, len(batch))
+	var newest time.Time
+	for i, r := range batch {
+		rows[i] = r.cb.journalRow()
+		if r.cb.receivedAt.After(newest) {
+			newest = r.cb.receivedAt
+		}
+	}
+	backoff := journalRetryMin
+	for {
+		if err := w.db.ready(); err != nil {
+			return err
+		}
+		actx, cancel := context.WithTimeout(ctx, journalAttemptTimeout)
+		err := w.store.insertJournal(actx, w.db.journal, rows, time.Now().Add(w.lease))
+		cancel()
+		if err == nil {
+			return nil
+		}
+		w.metrics.dbErrors.Inc("journal")
+		if ctx.Err() != nil || time.Since(newest) > w.ttl {
+			return err
+		}
+		w.guard.warn("journal write failed; retrying", "callbacks", len(batch), "err", err)
+		if !sleep(ctx, jitter(backoff)) {
+			return ctx.Err()
+		}
+		backoff = min(2*backoff, journalRetryMax)
+	}
+}
+
+// park journals callbacks with an already expired lease, so that the next
+// instance to look (this one after a restart, or another) takes them over at
+// once. Used at shutdown for whatever the grace period did not finish.
+func (w *writer) park(ctx context.Context, cbs []*callback) error {
+	if len(cbs) == 0 {
+		return nil
+	}
+	if err := w.store.insertJournal(ctx, w.db.main, journalRows(cbs), time.Now().Add(-time.Second)); err != nil {
+		w.metrics.dbErrors.Inc("park")
+		return err
+	}
+	return nil
+}
+
+// runApplyWriter commits completed callbacks in batches. On failure it keeps
+// the batch, adds whatever arrived meanwhile, drops what has expired, and
+// tries again with backoff, so a database outage costs nothing that is still
+// within its TTL.
+func (w *writer) runApplyWriter(ctx context.Context) {
+	var pending []*writeReq
+	backoff := applyRetryMin
+	for {
+		pending = collect(ctx, w.applyQ, pending, applyBatch)
+		if ctx.Err() != nil {
+			for _, r := range pending {
+				r.done <- errAborted
+			}
+			return
+		}
+		if len(pending) == 0 {
+			continue
+		}
+		batch := pending[:min(len(pending), applyBatch)]
+		if err := w.applyBatch(ctx, batch); err != nil {
+			w.guard.warn("apply failed; will retry", "callbacks", len(pending), "err", err)
+			pending = w.dropExpired(pending)
+			if !sleep(ctx, jitter(backoff)) {
+				continue // the next round answers everything with errAborted
+			}
+			backoff = min(2*backoff, applyRetryMax)
+			continue
+		}
+		pending = append(pending[:0], pending[len(batch):]...)
+		backoff = applyRetryMin
+	}
+}
+
+// dropExpired answers the requests whose callbacks are past the TTL with
+// errExpired and returns the rest; their journal rows are removed by the
+// journal keeper's expiry sweep.
+func (w *writer) dropExpired(pending []*writeReq) []*writeReq {
+	cutoff := time.Now().Add(-w.ttl)
+	kept := pending[:0]
+	for _, r := range pending {
+		if r.cb.receivedAt.Before(cutoff) {
+			if r.completes {
+				w.metrics.callbacksExpired.Inc()
+			}
+			r.done <- errExpired
+			continue
+		}
+		kept = append(kept, r)
+	}
+	return kept
+}
+
+// applyBatch upserts the online objects of a batch of apply requests and
+// deletes the journal rows of the completing ones, in one statement, and
+// answers each request. Objects of callbacks older than the TTL are left out
+// (the reaper would delete them at once) but their journal rows go.
+func (w *writer) applyBatch(ctx context.Context, batch []*writeReq) error {
+	cutoff := time.Now().Add(-w.ttl)
+	var done []int64
+	var rows []objectRow
+	for _, r := range batch {
+		if r.completes {
+			done = append(done, r.cb.journalID)
+		}
+		if r.cb.receivedAt.Before(cutoff) {
+			continue
+		}
+		for _, id := range r.online {
+			rows = append(rows, objectRow{id, r.cb.receivedAt})
+		}
+	}
+	// One statement must not name an id twice: sort by id, latest time
+	// first, and keep the first of each.
+	slices.SortFunc(rows, func(a, b objectRow) int {
+		if c := cmp.Compare(a.id, b.id); c != 0 {
+			return c
+		}
+		return b.lastSeen.Compare(a.lastSeen)
+	})
+	rows = slices.CompactFunc(rows, func(a, b objectRow) bool { return a.id == b.id })
+	upserted, err := w.store.applyRows(ctx, rows, done)
+	if err != nil {
+		return err
+	}
+	w.metrics.rowsUpserted.Add(uint64(upserted))
+	for _, r := range batch {
+		if !r.cb.receivedAt.Before(cutoff) {
+			if r.completes {
+				w.metrics.callbacksApplied.Inc()
+			}
+			r.done <- nil
+			continue
+		}
+		w.metrics.idsDropped.Add(uint64(len(r.online)))
+		if r.completes {
+			w.metrics.callbacksExpired.Inc()
+		}
+		r.done <- errExpired
+	}
+	return nil
+}
+
+// jitter spreads retries over [d/2, d) so that writers that failed together
+// do not retry together.
+func jitter(d time.Duration) time.Duration { return d/2 + rand.N(d/2) }
+
+// sleep waits d unless ctx ends first, and says whether it slept.
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
