@@ -5,7 +5,12 @@ WORKDIR /src
 COPY go.mod go.sum ./
 RUN go mod download
 COPY . .
-RUN CGO_ENABLED=0 go build -trimpath -ldflags="-s -w" -o /out/objtrack . \
+# .git is not in the build context (.dockerignore), so Go cannot stamp the
+# revision: pass it in for -version and objtrack_build_info, e.g.
+#   docker build --build-arg VERSION=$(git describe --always) --build-arg REVISION=$(git rev-parse HEAD) .
+ARG VERSION=""
+ARG REVISION=""
+RUN CGO_ENABLED=0 go build -trimpath -ldflags="-s -w -X main.linkedVersion=${VERSION} -X main.linkedRevision=${REVISION}" -o /out/objtrack . \
  && CGO_ENABLED=0 go build -trimpath -ldflags="-s -w" -o /out/sim ./sim
 
 # The simulator (sender and object service) for the compose demo:
@@ -24,6 +29,8 @@ COPY --from=build /out/objtrack /objtrack
 USER 65532:65532
 ENV OBJTRACK_LISTEN=:9090
 EXPOSE 9090
-# No shell or curl in the image: the binary checks its own /healthz.
+# No shell or curl in the image: the binary checks its own /healthz
+# (liveness; a database outage must not restart the container). Compose
+# waits on readiness with -healthcheck -healthcheck-path /readyz.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 CMD ["/objtrack", "-healthcheck"]
 ENTRYPOINT ["/objtrack"]

@@ -19,6 +19,7 @@ type config struct {
 	ttl            time.Duration
 	reapEvery      time.Duration
 	maxInflight    int
+	maxConns       int
 	maxIDs         int
 	maxBody        int64
 	coalesce       bool
@@ -26,6 +27,7 @@ type config struct {
 	maxBacklog     int
 	maxBacklogIDs  int
 	journalTimeout time.Duration
+	maxQueueWait   time.Duration
 	lease          time.Duration
 	fetchTimeout   time.Duration
 	dbConns        int
@@ -33,7 +35,15 @@ type config struct {
 	logFormat      string
 	pprofAddr      string
 	healthcheck    bool
+	healthPath     string
+	version        bool
 }
+
+// modeFlags change what the program does instead of how the service runs;
+// they come from the command line only, so that an environment meant for
+// the service (OBJTRACK_HEALTHCHECK=true, say) cannot turn it into a
+// one-shot client that exits.
+var modeFlags = map[string]bool{"healthcheck": true, "healthcheck-path": true, "version": true}
 
 // envName is the environment variable that backs a flag: DATABASE_URL for
 // -dsn (the usual name), OBJTRACK_<FLAG> for the rest.
@@ -56,6 +66,7 @@ func parseConfig(args []string, getenv func(string) string, out io.Writer) (conf
 	fs.DurationVar(&c.ttl, "ttl", 30*time.Second, "forget an object this long after the last callback that named it")
 	fs.DurationVar(&c.reapEvery, "reap-every", time.Second, "how often the reaper deletes rows older than -ttl")
 	fs.IntVar(&c.maxInflight, "max-inflight", 16384, "most fetches in flight to the object service at once, across all callbacks; capped by the open-file limit")
+	fs.IntVar(&c.maxConns, "max-conns", 0, "most inbound connections open at once; past it idle ones are closed, longest idle first, then new ones get 503 (0: an eighth of the open-file limit; capped by it)")
 	fs.IntVar(&c.maxIDs, "max-ids", 10000, "most object ids accepted in one callback")
 	fs.Int64Var(&c.maxBody, "max-body", 1<<20, "largest callback body accepted, in bytes")
 	fs.BoolVar(&c.coalesce, "coalesce", true, "let concurrent lookups of the same id share one request to the object service")
@@ -64,16 +75,23 @@ func parseConfig(args []string, getenv func(string) string, out io.Writer) (conf
 	fs.IntVar(&c.maxBacklogIDs, "max-backlog-ids", 4000000, "most object ids held in memory across callbacks; past it callbacks get 503 with Retry-After")
 	fs.DurationVar(&c.journalTimeout, "journal-timeout", 500*time.Millisecond, "how long a callback's answer waits for its journal row; a write still in progress then goes on, and its commit is counted as late")
 	fs.DurationVar(&c.lease, "lease", 5*time.Second, "how long a journal row stays claimed without renewal; another instance takes it over after that")
+	fs.DurationVar(&c.maxQueueWait, "max-queue-wait", 5*time.Second, "longest a new callback's ids may wait for a fetch slot, at the fetch rate measured now; past it, callbacks get 503 with Retry-After (capped at 5/6 of -ttl)")
 	fs.DurationVar(&c.fetchTimeout, "fetch-timeout", 5*time.Second, "time limit for one request to the object service (it may take up to 4s)")
 	fs.IntVar(&c.dbConns, "db-conns", 12, "most open PostgreSQL connections")
 	fs.StringVar(&c.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.StringVar(&c.logFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&c.pprofAddr, "pprof", "", "serve net/http/pprof on this address (off when empty)")
-	fs.BoolVar(&c.healthcheck, "healthcheck", false, "only check that the service at -listen answers /healthz, exit 0 if so (for container health checks)")
+	fs.BoolVar(&c.healthcheck, "healthcheck", false, "only check that the service at -listen answers -healthcheck-path with 200, exit 0 if so (for container health checks)")
+	fs.StringVar(&c.healthPath, "healthcheck-path", "/healthz", "the path -healthcheck asks for: /healthz (the process serves) or /readyz (PostgreSQL is there too)")
+	fs.BoolVar(&c.version, "version", false, "print the version and VCS revision, then exit")
 
 	// The environment fills in defaults; the command line overrides it.
 	var envErr error
 	fs.VisitAll(func(f *flag.Flag) {
+		if modeFlags[f.Name] {
+			f.Usage += " (command line only)"
+			return
+		}
 		env := envName(f.Name)
 		f.Usage += fmt.Sprintf(" (env %s)", env)
 		if v := getenv(env); v != "" && envErr == nil {
@@ -83,7 +101,7 @@ func parseConfig(args []string, getenv func(string) string, out io.Writer) (conf
 		}
 	})
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: objtrack [flags]\n\nServes POST /callback {\"object_ids\":[...]}, looks each id up at {upstream}/objects/{id},\nand keeps online objects in the PostgreSQL table objects(id, last_seen).\n\nFlags (each falls back to the environment variable shown):\n")
+		fmt.Fprintf(fs.Output(), "Usage: objtrack [flags]\n\nServes POST /callback {\"object_ids\":[...]}, looks each id up at {upstream}/objects/{id},\nand keeps online objects in the PostgreSQL table objects(id, last_seen).\n\nFlags (each falls back to the environment variable shown; those that make\nobjtrack do something else than serve are read from the command line only):\n")
 		fs.PrintDefaults()
 	}
 	if envErr != nil {
@@ -107,10 +125,12 @@ func (c config) validate() error {
 	}
 	u, err := url.Parse(c.upstream)
 	check(err == nil && (u.Scheme == "http" || u.Scheme == "https") && u.Host != "", "-upstream %q: want an http(s) URL with a host", c.upstream)
-	check(c.dsn != "" || c.healthcheck, "-dsn is required (or set DATABASE_URL)")
+	check(c.dsn != "" || c.healthcheck || c.version, "-dsn is required (or set DATABASE_URL)")
+	check(strings.HasPrefix(c.healthPath, "/"), "-healthcheck-path %q: want a path starting with /", c.healthPath)
 	check(c.ttl > 0, "-ttl must be positive")
 	check(c.reapEvery > 0, "-reap-every must be positive")
 	check(c.maxInflight > 0, "-max-inflight must be positive")
+	check(c.maxConns >= 0, "-max-conns must not be negative (0: the default share)")
 	check(c.maxIDs > 0, "-max-ids must be positive")
 	check(c.maxBody > 0, "-max-body must be positive")
 	check(c.grace >= 0, "-grace must not be negative")
@@ -119,6 +139,7 @@ func (c config) validate() error {
 	check(c.journalTimeout > 0 && c.journalTimeout < time.Second, "-journal-timeout must be between 0 and 1s (the sender gives up after 1s)")
 	check(c.lease >= time.Second, "-lease must be at least 1s")
 	check(c.fetchTimeout > 0, "-fetch-timeout must be positive")
+	check(c.maxQueueWait > 0, "-max-queue-wait must be positive")
 	check(c.dbConns >= 4, "-db-conns must be at least 4")
 	check(c.logFormat == "text" || c.logFormat == "json", "-log-format must be text or json")
 	var lvl slog.Level
@@ -134,23 +155,4 @@ func newLogger(c config, out io.Writer) *slog.Logger {
 		return slog.New(slog.NewJSONHandler(out, opts))
 	}
 	return slog.New(slog.NewTextHandler(out, opts))
-}
-
-// redactDSN hides the password in either DSN form so it can be logged.
-func redactDSN(dsn string) string {
-	if u, err := url.Parse(dsn); err == nil && u.Scheme != "" {
-		// lib/pq also takes the password as a query parameter.
-		if q := u.Query(); q.Has("password") {
-			q.Set("password", "xxxxx")
-			u.RawQuery = q.Encode()
-		}
-		return u.Redacted()
-	}
-	fields := strings.Fields(dsn)
-	for i, f := range fields {
-		if k, _, ok := strings.Cut(f, "="); ok && strings.EqualFold(k, "password") {
-			fields[i] = k + "=xxxxx"
-		}
-	}
-	return strings.Join(fields, " ")
 }

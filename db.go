@@ -51,9 +51,9 @@ const (
 func openDatabase(cfg config, log *slog.Logger, m *metrics) (*database, error) {
 	connector, err := pq.NewConnector(cfg.dsn)
 	if err != nil {
-		return nil, fmt.Errorf("parse -dsn %s: %w", redactDSN(cfg.dsn), err)
+		return nil, dsnError(cfg.dsn, err) // not %w: pq's text may repeat the password
 	}
-	connector.Dialer(dialer{})
+	connector.Dialer(dialer{fd: newFDGuard(fdDatabase, log, m)})
 	pool := func(n int) *sql.DB {
 		db := sql.OpenDB(connector)
 		db.SetMaxOpenConns(n)
@@ -80,18 +80,40 @@ func (d *database) close() error { return errors.Join(d.journal.Close(), d.main.
 
 // dialer bounds how long a dead PostgreSQL can hold a connection: TCP
 // keepalive probes and TCP_USER_TIMEOUT turn a silent network failure into
-// an error within seconds instead of the kernel's default of minutes.
-type dialer struct{}
+// an error within seconds instead of the kernel's default of minutes. A
+// dial that finds no free descriptor waits for one within the dial timeout
+// (the pool's share of the budget is reserved, so this means another part
+// overspent for a moment), instead of failing a journal write at once.
+type dialer struct{ fd *fdGuard }
 
 const (
 	tcpUserTimeout   = 0x12 // TCP_USER_TIMEOUT on Linux
 	dbDialTimeout    = 5 * time.Second
 	dbUnackedTimeout = 15 * time.Second // unacknowledged data before the kernel gives up
+	// dbFDRetry: PostgreSQL connections are few and dialed rarely, so a
+	// dial out of descriptors tries again soon, well within the journal's
+	// answer deadline.
+	dbFDRetry = 50 * time.Millisecond
 )
 
-func (dialer) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
+func (d dialer) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(ctx, dbDialTimeout)
+	defer cancel()
+	for {
+		c, err := d.dial(ctx, network, addr)
+		if !d.fd.note(err) {
+			return c, err
+		}
+		select {
+		case <-time.After(dbFDRetry):
+		case <-ctx.Done():
+			return nil, err
+		}
+	}
+}
+
+func (dialer) dial(ctx context.Context, network, addr string) (net.Conn, error) {
 	d := net.Dialer{
-		Timeout:         dbDialTimeout,
 		KeepAliveConfig: net.KeepAliveConfig{Enable: true, Idle: 5 * time.Second, Interval: 2 * time.Second, Count: 3},
 		Control: func(network, address string, c syscall.RawConn) error {
 			if runtime.GOOS != "linux" || network == "unix" {

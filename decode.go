@@ -69,12 +69,7 @@ func parseIDs(raw []byte, maxIDs int) ([]int64, error) {
 			return ids, nil // only an empty array gets here
 		}
 		start := i
-		for i < len(raw) && raw[i] != ',' && raw[i] != ']' && !isSpace(raw[i]) && raw[i] != '[' && raw[i] != '{' && raw[i] != '"' {
-			i++
-		}
-		if i == start || i < len(raw) && (raw[i] == '[' || raw[i] == '{' || raw[i] == '"') {
-			return nil, &badRequest{http.StatusBadRequest, "bad_id", fmt.Sprintf("object_ids: %.40s is not an integer", raw[start:])}
-		}
+		i = valueEnd(raw, i)
 		if len(ids) == maxIDs {
 			return nil, &badRequest{http.StatusRequestEntityTooLarge, "too_many_ids", fmt.Sprintf("more than %d object ids; at most %d allowed", maxIDs, maxIDs)}
 		}
@@ -93,7 +88,54 @@ func parseIDs(raw []byte, maxIDs int) ([]int64, error) {
 	}
 }
 
-// parseID reads one JSON number token as an int64.
+// valueEnd returns the index just past the JSON value that starts at
+// raw[i], an element of a valid array: only strings (which may hold any
+// byte) and nested arrays and objects need care.
+func valueEnd(raw []byte, i int) int {
+	depth, inString := 0, false
+	for ; i < len(raw); i++ {
+		switch c := raw[i]; {
+		case inString:
+			if c == '\\' {
+				i++ // the escaped byte cannot end the string
+			} else if c == '"' {
+				inString = false
+				if depth == 0 {
+					return i + 1
+				}
+			}
+		case c == '"':
+			inString = true
+		case c == '[' || c == '{':
+			depth++
+		case c == ']' || c == '}':
+			if depth == 0 {
+				return i // the end of the enclosing array
+			}
+			if depth--; depth == 0 {
+				return i + 1
+			}
+		case depth == 0 && (c == ',' || isSpace(c)):
+			return i
+		}
+	}
+	return i
+}
+
+// maxTokenShown is how much of a bad id an error quotes: enough to find it
+// in the body, little enough to keep the answer one short line.
+const maxTokenShown = 40
+
+func notInteger(tok []byte) error {
+	shown := string(tok)
+	if len(tok) > maxTokenShown {
+		shown = string(tok[:maxTokenShown]) + "..."
+	}
+	return &badRequest{http.StatusBadRequest, "bad_id", fmt.Sprintf("object_ids: %s is not an integer", shown)}
+}
+
+// parseID reads one array element as an int64; anything but a JSON integer
+// (a string, a fraction, an exponent, null, a nested value) is rejected.
 func parseID(tok []byte) (int64, error) {
 	neg := tok[0] == '-'
 	digits := tok
@@ -101,7 +143,7 @@ func parseID(tok []byte) (int64, error) {
 		digits = tok[1:]
 	}
 	if len(digits) == 0 {
-		return 0, &badRequest{http.StatusBadRequest, "bad_id", fmt.Sprintf("object_ids: %.40s is not an integer", tok)}
+		return 0, notInteger(tok)
 	}
 	limit := uint64(math.MaxInt64)
 	if neg {
@@ -110,7 +152,7 @@ func parseID(tok []byte) (int64, error) {
 	var n uint64
 	for _, c := range digits {
 		if c < '0' || c > '9' {
-			return 0, &badRequest{http.StatusBadRequest, "bad_id", fmt.Sprintf("object_ids: %.40s is not an integer", tok)}
+			return 0, notInteger(tok)
 		}
 		d := uint64(c - '0')
 		if n > (limit-d)/10 {

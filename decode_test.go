@@ -81,3 +81,41 @@ func FuzzDecodeCallback(f *testing.F) {
 		}
 	})
 }
+
+// A rejected id is quoted alone in the error, however it is spelled, so the
+// sender sees which element is wrong and not the rest of the array.
+func TestDecodeCallbackNamesTheBadToken(t *testing.T) {
+	long := `"` + strings.Repeat("y", 60) + `"`
+	tests := []struct {
+		name, ids, want string
+	}{
+		{"string", `["x", 3]`, `object_ids: "x" is not an integer`},
+		{"string after ids", `[1, 2, "x", 3]`, `object_ids: "x" is not an integer`},
+		{"string with an escaped quote and a comma", `["a\",b", 3]`, `object_ids: "a\",b" is not an integer`},
+		{"string with a bracket", `["]", 3]`, `object_ids: "]" is not an integer`},
+		{"string ending in a backslash", `["a\\", 3]`, `object_ids: "a\\" is not an integer`},
+		{"numeric string", `["7"]`, `object_ids: "7" is not an integer`},
+		{"object", `[{"a": [1, "]"]}, 3]`, `object_ids: {"a": [1, "]"]} is not an integer`},
+		{"array", `[[1, 2], 3]`, `object_ids: [1, 2] is not an integer`},
+		{"nested arrays", `[[[1], [2]], 3]`, `object_ids: [[1], [2]] is not an integer`},
+		{"true", `[true, 3]`, `object_ids: true is not an integer`},
+		{"null", `[1, null]`, `object_ids: null is not an integer`},
+		{"fraction", `[1, 2.5, 3]`, `object_ids: 2.5 is not an integer`},
+		{"exponent", `[1e3 ,3]`, `object_ids: 1e3 is not an integer`},
+		{"minus fraction", `[-0.5]`, `object_ids: -0.5 is not an integer`},
+		{"long string cut", `[` + long + `, 3]`, `object_ids: ` + long[:maxTokenShown] + `... is not an integer`},
+		{"out of range", `[9223372036854775808, 1]`, `object_ids: 9223372036854775808 is out of range for a 64-bit integer`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := decodeCallback(strings.NewReader(`{"object_ids": `+tt.ids+`}`), 10)
+			var bad *badRequest
+			if !errors.As(err, &bad) {
+				t.Fatalf("error %v, want a *badRequest", err)
+			}
+			if bad.msg != tt.want || bad.reason != "bad_id" {
+				t.Errorf("error %q (reason %s), want %q (bad_id)", bad.msg, bad.reason, tt.want)
+			}
+		})
+	}
+}

@@ -51,8 +51,11 @@ func TestDocsListEveryFlagAndMetric(t *testing.T) {
 		values        []string
 	}{
 		{"reason", "objtrack_callbacks_rejected_total", rejectReasons},
+		{"reason", "objtrack_callbacks_shed_total", shedReasons},
 		{"outcome", "objtrack_fetches_total", fetchOutcomes},
 		{"op", "objtrack_db_errors_total", dbOps},
+		{"reason", "objtrack_inbound_closed_total", inboundCloseReasons},
+		{"where", "objtrack_fd_exhausted_total", fdPlaces},
 	}
 	for _, l := range labels {
 		t.Run("label "+l.label, func(t *testing.T) {

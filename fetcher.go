@@ -36,6 +36,14 @@ type fetcher struct {
 	metrics      *metrics
 	guard        *guard
 
+	// Load, read by admission and the limiter: ids waiting for a fetch
+	// slot, and the attempts' rate and latency.
+	waiting  atomic.Int64
+	meter    fetchMeter
+	retries  *retryBudget
+	upstream *upstreamHealth
+	fd       *fdGuard
+
 	mu      sync.Mutex
 	flights map[int64]*flight
 }
@@ -55,19 +63,6 @@ type waiter struct {
 
 // Tuning of the requests to the object service.
 const (
-	// maxDials bounds the connections being opened at once.
-	maxDials = 64
-	// dialTimeout: the object service is expected close by; a dial that
-	// takes longer is a failed attempt, retried.
-	dialTimeout = 2 * time.Second
-	// tcpKeepAlive probes idle connections, so a dead peer is noticed.
-	tcpKeepAlive = 30 * time.Second
-	// idleConnTimeout closes connections a quiet spell left unused.
-	idleConnTimeout = 90 * time.Second
-	// Answers are a few dozen bytes: small buffers keep ten thousand
-	// connections cheap.
-	readBufferSize  = 2048
-	writeBufferSize = 1024
 	// maxAnswer bounds how much of an answer is read.
 	maxAnswer = 64 << 10
 	// Backoff between failed attempts of one fetch, with full jitter.
@@ -92,82 +87,70 @@ func newFetcher(cfg config, transport http.RoundTripper, log *slog.Logger, m *me
 		metrics:      m,
 		guard:        g,
 		flights:      make(map[int64]*flight),
-	}
-}
-
-// newTransport is the one transport to the object service, tuned for many
-// concurrent requests to a single host; dial opens a connection.
-func newTransport(cfg config, dial func(ctx context.Context, network, addr string) (net.Conn, error)) *http.Transport {
-	// A burst of new ids (a start, a takeover of many journal rows) would
-	// open thousands of connections at once and take the CPU the handler
-	// needs to answer in time. Bounding the dials in progress spreads them
-	// out, and a request waiting for a dial often gets a connection another
-	// request freed instead.
-	dials := make(chan struct{}, maxDials)
-	return &http.Transport{
-		Proxy: http.ProxyFromEnvironment,
-		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			select {
-			case dials <- struct{}{}:
-			case <-ctx.Done():
-				return nil, ctx.Err()
-			}
-			defer func() { <-dials }()
-			return dial(ctx, network, addr)
-		},
-		// Every fetch slot may hold a connection; with the default of 2
-		// idle connections per host almost every request would dial.
-		MaxIdleConns:        cfg.maxInflight,
-		MaxIdleConnsPerHost: cfg.maxInflight,
-		// Idle and dialing connections count too: without this cap, a
-		// request that took a freed connection while its own dial was under
-		// way leaves one more idle socket, and the total can grow past the
-		// open-file limit that -max-inflight was sized to.
-		MaxConnsPerHost:       cfg.maxInflight,
-		IdleConnTimeout:       idleConnTimeout,
-		TLSHandshakeTimeout:   dialTimeout,
-		ResponseHeaderTimeout: cfg.fetchTimeout,
-		DisableCompression:    true,
-		ReadBufferSize:        readBufferSize,
-		WriteBufferSize:       writeBufferSize,
+		retries:      newRetryBudget(),
+		upstream:     newUpstreamHealth(cfg.upstream, log, m, g),
+		fd:           newFDGuard(fdFetch, log, m),
 	}
 }
 
 // lookupAll starts a lookup of every id of cb; wg is done once each has a
 // result: an answer, resultExpired once the callback's deadline passed, or
-// resultAborted when ctx ends. It returns when the last lookup has started,
-// which waits for semaphore slots.
+// resultAborted when ctx ends. Ids already being fetched join that flight
+// (when coalescing); the rest become flights at once, so that later
+// callbacks see them, and then wait in turn for a semaphore slot, which is
+// what holds back a flood of new ids. It returns when the last has started.
 func (f *fetcher) lookupAll(ctx context.Context, cb *callback, wg *sync.WaitGroup) {
 	wg.Add(len(cb.objectIDs))
 	deadline := cb.receivedAt.Add(f.ttl)
+	starts := make([]*flight, 0, len(cb.objectIDs))
+	joined := 0
+	f.mu.Lock()
 	for i, id := range cb.objectIDs {
-		f.lookup(ctx, id, deadline, waiter{slot: &cb.results[i], wg: wg})
-	}
-}
-
-// lookup joins the flight for id or starts one. Starting one waits for a
-// semaphore slot, which is what holds back a flood of new ids.
-func (f *fetcher) lookup(ctx context.Context, id int64, deadline time.Time, w waiter) {
-	fl := &flight{id: id, deadline: deadline, waiters: []waiter{w}}
-	if f.coalesce {
-		f.mu.Lock()
-		if cur, ok := f.flights[id]; ok {
+		w := waiter{slot: &cb.results[i], wg: wg}
+		if cur, ok := f.flights[id]; ok && f.coalesce {
 			cur.waiters = append(cur.waiters, w)
 			if deadline.After(cur.deadline) {
 				cur.deadline = deadline
 			}
-			f.mu.Unlock()
-			f.metrics.coalesced.Inc()
-			return
+			joined++
+			continue
 		}
-		f.flights[id] = fl
-		f.mu.Unlock()
+		fl := &flight{id: id, deadline: deadline, waiters: []waiter{w}}
+		if f.coalesce {
+			f.flights[id] = fl
+		}
+		starts = append(starts, fl)
 	}
-	if !f.acquire(ctx) {
-		f.deliver(fl, resultAborted)
-		return
+	f.waiting.Add(int64(len(starts)))
+	f.mu.Unlock()
+	f.metrics.coalesced.Add(uint64(joined))
+	for _, fl := range starts {
+		ok := f.acquire(ctx)
+		f.waiting.Add(-1)
+		if !ok {
+			f.deliver(fl, resultAborted)
+			continue
+		}
+		f.retries.earn()
+		go f.fetch(ctx, fl)
 	}
-	go f.fetch(ctx, fl)
+}
+
+// countNew counts the ids that would start a fetch of their own now: an id
+// already being fetched costs nothing more.
+func (f *fetcher) countNew(ids []int64) int {
+	if !f.coalesce {
+		return len(ids)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	n := 0
+	for _, id := range ids {
+		if _, ok := f.flights[id]; !ok {
+			n++
+		}
+	}
+	return n
 }
 
 func (f *fetcher) acquire(ctx context.Context) bool {
@@ -195,8 +178,15 @@ func (f *fetcher) fetch(ctx context.Context, fl *flight) {
 		start := time.Now()
 		online, kind, err := f.attempt(ctx, fl.id)
 		f.release()
+		f.meter.observe(time.Since(start))
 		f.metrics.fetches.Inc(kind)
 		f.metrics.fetchLatency.Observe(time.Since(start).Seconds())
+		// Running out of file descriptors is not the object service's
+		// fault, and retrying at once would only spin.
+		exhausted := f.fd.note(err)
+		if ctx.Err() == nil && !exhausted {
+			f.upstream.record(err)
+		}
 		if err == nil {
 			outcome = resultOffline
 			if online {
@@ -208,22 +198,30 @@ func (f *fetcher) fetch(ctx context.Context, fl *flight) {
 			return
 		}
 		f.log.Debug("fetch failed", "id", fl.id, "outcome", kind, "err", err)
-
-		sleep := time.Duration(rand.Int64N(int64(backoff)) + 1)
-		backoff = min(2*backoff, fetchRetryMax)
-		f.mu.Lock()
-		deadline := fl.deadline
-		f.mu.Unlock()
-		if time.Now().Add(sleep).After(deadline) {
-			outcome = resultExpired
-			return
+		// Wait out the backoff, and longer while the retry budget is spent:
+		// under overload, retries must not multiply the object service's
+		// load.
+		for {
+			pause := time.Duration(rand.Int64N(int64(backoff)) + 1)
+			backoff = min(2*backoff, fetchRetryMax)
+			if exhausted {
+				pause = max(pause, fdPause())
+			}
+			f.mu.Lock()
+			deadline := fl.deadline
+			f.mu.Unlock()
+			if time.Now().Add(pause).After(deadline) {
+				outcome = resultExpired
+				return
+			}
+			if !sleep(ctx, pause) {
+				return
+			}
+			if f.retries.take() {
+				break
+			}
 		}
 		f.metrics.retries.Inc()
-		select {
-		case <-time.After(sleep):
-		case <-ctx.Done():
-			return
-		}
 		if !f.acquire(ctx) {
 			return
 		}
@@ -241,6 +239,8 @@ func (f *fetcher) deliver(fl *flight, r result) {
 	f.mu.Unlock()
 	if r == resultExpired {
 		f.metrics.idsDropped.Add(uint64(len(waiters)))
+		f.guard.warn("lookups given up: no answer from the object service before received time + TTL",
+			"ids", len(waiters), "ids_dropped_total", f.metrics.idsDropped.Value(), "object_service", f.upstream.url)
 	}
 	for _, w := range waiters {
 		w.slot.Store(uint32(r))

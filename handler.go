@@ -6,16 +6,22 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"strconv"
+	"strings"
 	"time"
 )
 
-// routes is the service's whole HTTP surface.
+// routes is the service's whole HTTP surface. Every answer, errors
+// included, is JSON (but /metrics): so the GET routes check their method
+// themselves rather than leaving a plain-text 405 to the mux, and "/" turns
+// any other path into a JSON 404.
 func routes(cfg config, pipe *pipeline, db *database, m *metrics, log *slog.Logger, g *guard) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/callback", handleCallback(cfg, pipe, m, log))
-	mux.Handle("GET /healthz", handleHealthz())
-	mux.Handle("GET /readyz", handleReadyz(db))
-	mux.Handle("GET /metrics", handleMetrics(m))
+	mux.Handle("/healthz", onlyGET(handleHealthz()))
+	mux.Handle("/readyz", onlyGET(handleReadyz(db, pipe.fetcher.upstream)))
+	mux.Handle("/metrics", onlyGET(handleMetrics(m)))
+	mux.Handle("/", handleNotFound())
 	return recoverPanics(mux, g)
 }
 
@@ -29,6 +35,10 @@ type acceptedBody struct {
 // it (which journals it) and answers 202; the lookups happen afterwards, so
 // the sender never waits for the object service.
 func handleCallback(cfg config, pipe *pipeline, m *metrics, log *slog.Logger) http.Handler {
+	// handling bounds the callbacks being handled at once; past it a
+	// callback is shed before its body is read, so a flood of senders
+	// costs a 503 each instead of queueing for the CPU.
+	handling := make(chan struct{}, maxHandling)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		// last_seen is the time the callback arrived, on the service's clock.
 		receivedAt := time.Now().Round(0).Truncate(time.Microsecond)
@@ -36,6 +46,13 @@ func handleCallback(cfg config, pipe *pipeline, m *metrics, log *slog.Logger) ht
 			w.Header().Set("Allow", http.MethodPost)
 			m.callbacksRejected.Inc("bad_method")
 			writeError(w, http.StatusMethodNotAllowed, fmt.Sprintf("method %s not allowed, use POST", r.Method))
+			return
+		}
+		select {
+		case handling <- struct{}{}:
+			defer func() { <-handling }()
+		default:
+			shed(w, m, &overloaded{reason: "busy", retryAfter: time.Second})
 			return
 		}
 		ids, err := decodeCallback(http.MaxBytesReader(w, r.Body, cfg.maxBody), cfg.maxIDs)
@@ -50,9 +67,7 @@ func handleCallback(cfg config, pipe *pipeline, m *metrics, log *slog.Logger) ht
 		}
 		acc, err := pipe.accept(receivedAt, ids)
 		if err != nil {
-			m.callbacksRejected.Inc("backlog_full")
-			w.Header().Set("Retry-After", "1")
-			writeError(w, http.StatusServiceUnavailable, "too many callbacks in progress, retry later")
+			shed(w, m, err)
 			return
 		}
 		m.callbacksAccepted.Inc()
@@ -60,6 +75,41 @@ func handleCallback(cfg config, pipe *pipeline, m *metrics, log *slog.Logger) ht
 		log.Debug("callback accepted", "journal_id", acc.journalID, "ids", len(ids), "journaled", acc.journaled)
 		writeJSON(w, http.StatusAccepted, acceptedBody{Status: "accepted", IDs: len(ids), Journaled: acc.journaled})
 		m.answer.Observe(time.Since(receivedAt).Seconds())
+	})
+}
+
+// maxHandling is the most callbacks handled at once: enough to keep both
+// cores and the journal's group commit busy, few enough that each answers
+// well within the sender's 1 s.
+const maxHandling = 256
+
+// shed answers a callback the service cannot honour now: 503 with
+// Retry-After, at once.
+func shed(w http.ResponseWriter, m *metrics, err error) {
+	var o *overloaded
+	if !errors.As(err, &o) {
+		o = &overloaded{reason: "backlog_full", retryAfter: time.Second}
+	}
+	m.callbacksShed.Inc(o.reason)
+	w.Header().Set("Retry-After", strconv.Itoa(retryAfterSeconds(o.retryAfter)))
+	writeError(w, http.StatusServiceUnavailable, "cannot take this callback now ("+strings.ReplaceAll(o.reason, "_", " ")+"), retry later")
+}
+
+// onlyGET answers any method but GET and HEAD with a JSON 405 and Allow.
+func onlyGET(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodGet && r.Method != http.MethodHead {
+			w.Header().Set("Allow", "GET, HEAD")
+			writeError(w, http.StatusMethodNotAllowed, fmt.Sprintf("method %s not allowed, use GET", r.Method))
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+func handleNotFound() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusNotFound, fmt.Sprintf("no such path %q: the service answers POST /callback, GET /healthz, GET /readyz and GET /metrics", r.URL.Path))
 	})
 }
 
@@ -71,13 +121,15 @@ func handleHealthz() http.Handler {
 
 // handleReadyz is 200 only while PostgreSQL is reachable and the schema is
 // applied; callbacks are still accepted when it is not.
-func handleReadyz(db *database) http.Handler {
+// The body also shows the object service's state, which readiness does not
+// follow (see upstreamHealth).
+func handleReadyz(db *database, upstream *upstreamHealth) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if err := db.ready(); err != nil {
-			writeError(w, http.StatusServiceUnavailable, err.Error())
+			writeJSON(w, http.StatusServiceUnavailable, map[string]string{"error": err.Error(), "object_service": upstream.state()})
 			return
 		}
-		writeJSON(w, http.StatusOK, map[string]string{"status": "ready"})
+		writeJSON(w, http.StatusOK, map[string]string{"status": "ready", "object_service": upstream.state()})
 	})
 }
 

@@ -29,6 +29,7 @@ func TestCallbackRejectsBadInput(t *testing.T) {
 		{"missing ids", "POST", `{"ids": [1]}`, 400, `missing "object_ids"`},
 		{"null ids", "POST", `{"object_ids": null}`, 400, `missing "object_ids"`},
 		{"string id", "POST", `{"object_ids": ["7"]}`, 400, "not an integer"},
+		{"string id before others", "POST", `{"object_ids": ["x", 3]}`, 400, `object_ids: "x" is not an integer`},
 		{"float id", "POST", `{"object_ids": [1.5]}`, 400, "not an integer"},
 		{"integral float id", "POST", `{"object_ids": [2.0]}`, 400, "not an integer"},
 		{"exponent id", "POST", `{"object_ids": [1e3]}`, 400, "not an integer"},
@@ -106,8 +107,8 @@ func TestBacklogFullAnswers503(t *testing.T) {
 	if codes[202] != 3 || codes[503] != 3 {
 		t.Errorf("codes %v, want 3×202 and 3×503", codes)
 	}
-	if got := p.metrics.callbacksRejected.Value("backlog_full"); got != 3 {
-		t.Errorf("rejected backlog_full %d, want 3", got)
+	if got := p.metrics.callbacksShed.Value("backlog_full"); got != 3 {
+		t.Errorf("shed backlog_full %d, want 3", got)
 	}
 }
 
@@ -119,5 +120,59 @@ func TestPanicInHandlerIs500(t *testing.T) {
 	h.ServeHTTP(rec, httptest.NewRequest("GET", "/", nil))
 	if rec.Code != 500 || m.panics.Value() != 1 {
 		t.Errorf("status %d panics %d, want 500 and 1", rec.Code, m.panics.Value())
+	}
+}
+
+// Every error answer outside /callback is JSON too: an unknown path is a 404
+// and a wrong method on a GET route a 405 with Allow, not the mux's text.
+func TestNotFoundAndWrongMethodAreJSON(t *testing.T) {
+	h := testApp(t, testConfig(t), nil).handler()
+	tests := []struct {
+		method, path string
+		status       int
+		allow        string
+		errContains  string
+	}{
+		{"GET", "/", 404, "", `no such path "/"`},
+		{"GET", "/nope", 404, "", `no such path "/nope"`},
+		{"POST", "/callbacks", 404, "", `no such path "/callbacks"`},
+		{"GET", "/callback/1", 404, "", `no such path "/callback/1"`},
+		{"GET", "/healthz/", 404, "", `no such path "/healthz/"`},
+		{"POST", "/healthz", 405, "GET, HEAD", "use GET"},
+		{"DELETE", "/readyz", 405, "GET, HEAD", "use GET"},
+		{"PUT", "/metrics", 405, "GET, HEAD", "use GET"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.method+" "+tt.path, func(t *testing.T) {
+			rec := httptest.NewRecorder()
+			h.ServeHTTP(rec, httptest.NewRequest(tt.method, tt.path, nil))
+			if rec.Code != tt.status {
+				t.Fatalf("status %d, want %d (body %s)", rec.Code, tt.status, rec.Body)
+			}
+			if got := rec.Header().Get("Content-Type"); got != "application/json" {
+				t.Errorf("Content-Type %q, want application/json", got)
+			}
+			var body struct{ Error string }
+			if err := json.Unmarshal(rec.Body.Bytes(), &body); err != nil || !strings.Contains(body.Error, tt.errContains) {
+				t.Errorf("body %q (%v), want a JSON error mentioning %q", rec.Body, err, tt.errContains)
+			}
+			if got := rec.Header().Get("Allow"); got != tt.allow {
+				t.Errorf("Allow %q, want %q", got, tt.allow)
+			}
+		})
+	}
+}
+
+// The GET routes still answer GET and HEAD.
+func TestGETRoutesAnswerGETAndHEAD(t *testing.T) {
+	h := testApp(t, testConfig(t), nil).handler()
+	for _, path := range []string{"/healthz", "/metrics"} {
+		for _, method := range []string{"GET", "HEAD"} {
+			rec := httptest.NewRecorder()
+			h.ServeHTTP(rec, httptest.NewRequest(method, path, nil))
+			if rec.Code != http.StatusOK {
+				t.Errorf("%s %s: status %d, want 200", method, path, rec.Code)
+			}
+		}
 	}
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -129,6 +130,59 @@ func (m *lagMeter) take() time.Duration {
 	return lag
 }
 
+// fetchMeter measures the fetch path for admission: how long an attempt
+// takes, and how many finish per second while ids wait for slots (the
+// service rate when saturated).
+type fetchMeter struct {
+	mu       sync.Mutex
+	latency  float64 // moving average of one attempt, seconds
+	finished int     // attempts since the last tick
+	rate     float64 // moving average of attempts per second while saturated
+}
+
+// Moving-average weights and the starting guesses before anything is
+// measured: the object service answers in 0.3-4 s.
+const (
+	latencyWeight  = 0.05
+	rateWeight     = 0.2
+	initialLatency = time.Second
+)
+
+func (m *fetchMeter) observe(d time.Duration) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.finished++
+	if m.latency == 0 {
+		m.latency = initialLatency.Seconds()
+	}
+	m.latency += latencyWeight * (d.Seconds() - m.latency)
+}
+
+// tick closes one limiter tick; the rate learns only from saturated ticks,
+// when finished attempts measure capacity rather than demand.
+func (m *fetchMeter) tick(saturated bool, every time.Duration) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if saturated {
+		m.rate += rateWeight * (float64(m.finished)/every.Seconds() - m.rate)
+	}
+	m.finished = 0
+}
+
+// capacity estimates attempts per second with limit slots: the rate
+// measured, or what limit slots give at the latency measured (Little's
+// law), whichever is more; the second leads while the limit grows or a
+// burst's first attempts are still out.
+func (m *fetchMeter) capacity(limit int) float64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	latency := m.latency
+	if latency == 0 {
+		latency = initialLatency.Seconds()
+	}
+	return max(m.rate, float64(limit)/latency)
+}
+
 // fetchLimiter adapts the fetch concurrency to what the machine sustains,
 // with the journal's commit latency as the signal. The Go scheduler has no
 // priorities: thousands of runnable fetch goroutines delay the goroutines
@@ -136,19 +190,21 @@ func (m *lagMeter) take() time.Duration {
 // journal commit of the last tick took longer than target, the limit drops
 // to three quarters of the fetches in flight (multiplicative decrease, at
 // most once per cooldown); while commits take under half the target and the
-// limit is nearly used up, it grows by a sixteenth per tick. Fetches wait in
-// the TTL's slack; answers cannot.
+// limit is nearly used up, it grows by a sixteenth per tick, or a quarter
+// while ids wait for slots. Fetches wait in the TTL's slack; answers cannot.
 type fetchLimiter struct {
 	slots   *fetchSlots
-	target  time.Duration
+	meter   *fetchMeter
+	waiting *atomic.Int64        // ids waiting for a slot
+	target  time.Duration        // journal lag the limiter keeps under
 	lag     func() time.Duration // slowest journal commit since the last call
 	metrics *metrics
 	lastCut time.Time
 }
 
-func newFetchLimiter(slots *fetchSlots, target time.Duration, lag func() time.Duration, m *metrics) *fetchLimiter {
+func newFetchLimiter(slots *fetchSlots, meter *fetchMeter, waiting *atomic.Int64, target time.Duration, lag func() time.Duration, m *metrics) *fetchLimiter {
 	m.fetchLimit.Set(int64(slots.limit()))
-	return &fetchLimiter{slots: slots, target: target, lag: lag, metrics: m}
+	return &fetchLimiter{slots: slots, meter: meter, waiting: waiting, target: target, lag: lag, metrics: m}
 }
 
 func (l *fetchLimiter) run(ctx context.Context) {
@@ -160,9 +216,13 @@ func (l *fetchLimiter) run(ctx context.Context) {
 			return
 		case <-t.C:
 		}
+		l.meter.tick(l.waiting.Load() > 0, limitTick)
 		l.adjust(time.Now(), l.lag())
 	}
 }
+
+// rate is the fetch capacity now, in attempts per second.
+func (l *fetchLimiter) rate() float64 { return l.meter.capacity(l.slots.limit()) }
 
 // adjust applies one tick's worth of signal to the limit.
 func (l *fetchLimiter) adjust(now time.Time, lag time.Duration) {
@@ -176,7 +236,11 @@ func (l *fetchLimiter) adjust(now time.Time, lag time.Duration) {
 			l.lastCut = now
 		}
 	case lag <= l.target/2 && inUse >= limit*7/8:
-		next = min(hardCap, limit+max(1, limit/16))
+		step := limit / 16
+		if l.waiting.Load() > 0 {
+			step = limit / 4
+		}
+		next = min(hardCap, limit+max(1, step))
 	}
 	if next != limit {
 		l.slots.setLimit(next)

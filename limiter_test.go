@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -64,7 +65,7 @@ func TestFetchLimiterAdjusts(t *testing.T) {
 			for range tt.inUse {
 				s.acquire(context.Background())
 			}
-			l := newFetchLimiter(s, target, nil, newMetrics())
+			l := newFetchLimiter(s, &fetchMeter{}, new(atomic.Int64), target, nil, newMetrics())
 			l.adjust(time.Now(), tt.lag)
 			if got := s.limit(); got != tt.want {
 				t.Errorf("limit %d, want %d", got, tt.want)
@@ -83,7 +84,7 @@ func TestFetchLimiterCutsOncePerCooldown(t *testing.T) {
 	for range 1000 {
 		s.acquire(context.Background())
 	}
-	l := newFetchLimiter(s, 50*time.Millisecond, nil, newMetrics())
+	l := newFetchLimiter(s, &fetchMeter{}, new(atomic.Int64), 50*time.Millisecond, nil, newMetrics())
 	now := time.Now()
 	l.adjust(now, time.Second)
 	l.adjust(now.Add(limitTick), time.Second)

@@ -43,11 +43,15 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	if err != nil {
 		return err
 	}
+	if cfg.version {
+		_, err := fmt.Fprintln(stdout, readBuildInfo())
+		return err
+	}
 	if cfg.healthcheck {
-		return healthcheck(cfg.listen)
+		return healthcheck(cfg.listen, cfg.healthPath)
 	}
 	log := newLogger(cfg, stdout)
-	cfg.maxInflight = fitFileLimit(cfg.maxInflight, cfg.dbConns, log)
+	cfg = fitFDBudget(cfg, log)
 	a, err := newApp(cfg, log, nil)
 	if err != nil {
 		return err
@@ -70,11 +74,12 @@ const (
 // grace period, journal whatever is left for the next start.
 func serve(ctx context.Context, a *app) error {
 	cfg, log := a.cfg, a.log
-	ln, err := net.Listen("tcp", cfg.listen)
+	inner, err := net.Listen("tcp", cfg.listen)
 	if err != nil {
 		a.close()
 		return fmt.Errorf("listen on %s: %w", cfg.listen, err)
 	}
+	ln := newLimitListener(inner, cfg.maxConns, a.metrics, newFDGuard(fdAccept, log, a.metrics))
 	a.start()
 	srv := &http.Server{
 		Handler:           a.handler(),
@@ -83,6 +88,7 @@ func serve(ctx context.Context, a *app) error {
 		WriteTimeout:      writeTimeout,
 		IdleTimeout:       idleTimeout,
 		MaxHeaderBytes:    maxHeaderBytes,
+		ConnState:         ln.connState,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
 	serveErr := make(chan error, 1)
@@ -97,7 +103,8 @@ func serve(ctx context.Context, a *app) error {
 			return err
 		}
 	}
-	log.Info("serving", "listen", ln.Addr().String(), "upstream", cfg.upstream,
+	build := readBuildInfo()
+	log.Info("serving", "version", build.version, "revision", build.revisionLabel(), "listen", ln.Addr().String(), "upstream", cfg.upstream,
 		"database", redactDSN(cfg.dsn), "ttl", cfg.ttl, "max_inflight", cfg.maxInflight,
 		"coalesce", cfg.coalesce, "max_backlog", cfg.maxBacklog)
 
@@ -119,38 +126,9 @@ func serve(ctx context.Context, a *app) error {
 	return nil
 }
 
-// fitFileLimit raises the open-file soft limit to the hard limit and keeps
-// the fetch semaphore below it: each fetch holds one socket, and the process
-// also needs descriptors for PostgreSQL, the listener and incoming callbacks.
-func fitFileLimit(want, dbConns int, log *slog.Logger) int {
-	var lim syscall.Rlimit
-	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
-		log.Warn("cannot read the open-file limit; keeping -max-inflight", "err", err)
-		return want
-	}
-	if lim.Cur < lim.Max {
-		raised := lim
-		raised.Cur = lim.Max
-		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &raised); err == nil {
-			lim = raised
-		}
-	}
-	reserve := uint64(1024 + dbConns)
-	allowed := 1
-	if lim.Cur > reserve {
-		allowed = int(min(lim.Cur-reserve, 1<<30))
-	}
-	if want > allowed {
-		log.Warn("-max-inflight lowered to fit the open-file limit", "wanted", want, "chosen", allowed, "nofile", lim.Cur)
-		return allowed
-	}
-	log.Info("fetch concurrency", "max_inflight", want, "nofile", lim.Cur)
-	return want
-}
-
-// healthcheck asks a running service for /healthz, so a container image
-// without curl can still have a HEALTHCHECK.
-func healthcheck(listen string) error {
+// healthcheck asks a running service for path (/healthz or /readyz), so a
+// container image without curl can still have a HEALTHCHECK.
+func healthcheck(listen, path string) error {
 	host, port, err := net.SplitHostPort(listen)
 	if err != nil {
 		return fmt.Errorf("-listen %q: %w", listen, err)
@@ -159,13 +137,13 @@ func healthcheck(listen string) error {
 		host = "127.0.0.1"
 	}
 	client := &http.Client{Timeout: 2 * time.Second}
-	resp, err := client.Get("http://" + net.JoinHostPort(host, port) + "/healthz")
+	resp, err := client.Get("http://" + net.JoinHostPort(host, port) + path)
 	if err != nil {
 		return fmt.Errorf("healthcheck: %w", err)
 	}
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("healthcheck: status %d", resp.StatusCode)
+		return fmt.Errorf("healthcheck %s: status %d", path, resp.StatusCode)
 	}
 	return nil
 }

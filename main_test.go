@@ -47,6 +47,7 @@ func TestBadConfigurationIsReported(t *testing.T) {
 		{"slow journal", []string{"-dsn", "x", "-journal-timeout", "2s"}, nil, "-journal-timeout"},
 		{"log format", []string{"-dsn", "x", "-log-format", "xml"}, nil, "-log-format"},
 		{"stray argument", []string{"-dsn", "x", "extra"}, nil, "unexpected arguments"},
+		{"healthcheck path", []string{"-healthcheck", "-healthcheck-path", "readyz"}, nil, "-healthcheck-path"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -66,23 +67,47 @@ func TestHelpListsEveryFlagWithItsEnvironmentVariable(t *testing.T) {
 	}
 	for _, want := range []string{"-listen", "-upstream", "-dsn", "DATABASE_URL", "-ttl", "OBJTRACK_TTL", "-reap-every",
 		"-max-inflight", "-max-ids", "-max-body", "-coalesce", "-grace", "-max-backlog", "-journal-timeout", "-lease",
-		"-fetch-timeout", "-db-conns", "-log-level", "-log-format", "-pprof", "-healthcheck"} {
+		"-fetch-timeout", "-db-conns", "-log-level", "-log-format", "-pprof", "-healthcheck", "-healthcheck-path", "-version"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("-help does not mention %s", want)
 		}
 	}
-}
-
-func TestRedactDSN(t *testing.T) {
-	for _, dsn := range []string{
-		"postgres://app:s3cr3t@db:5432/objects?sslmode=disable",
-		"host=db user=app password=s3cr3t dbname=objects",
-		"postgres://app@db/objects?password=s3cr3t&sslmode=disable",
-	} {
-		if got := redactDSN(dsn); strings.Contains(got, "s3cr3t") {
-			t.Errorf("redactDSN(%q) = %q", dsn, got)
+	for _, mode := range []string{"OBJTRACK_HEALTHCHECK", "OBJTRACK_VERSION"} {
+		if strings.Contains(out.String(), mode) {
+			t.Errorf("-help offers %s, but a flag that changes the mode is read from the command line only", mode)
 		}
 	}
+	if got := strings.Count(out.String(), "(command line only)"); got != len(modeFlags) {
+		t.Errorf("-help marks %d flags as command line only, want %d", got, len(modeFlags))
+	}
+}
+
+// A flag that changes what the program does is not read from the
+// environment: OBJTRACK_HEALTHCHECK=true left in a service's environment
+// must not turn it into a health-check client that exits at once.
+func TestModeFlagsIgnoreEnvironment(t *testing.T) {
+	env := map[string]string{
+		"OBJTRACK_HEALTHCHECK":      "true",
+		"OBJTRACK_HEALTHCHECK_PATH": "/readyz",
+		"OBJTRACK_VERSION":          "true",
+	}
+	getenv := func(k string) string { return env[k] }
+	t.Run("parseConfig", func(t *testing.T) {
+		cfg, err := parseConfig([]string{"-dsn", "x"}, getenv, &bytes.Buffer{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if cfg.healthcheck || cfg.version || cfg.healthPath != "/healthz" {
+			t.Errorf("healthcheck %v, version %v, healthcheck-path %q: want false, false, /healthz", cfg.healthcheck, cfg.version, cfg.healthPath)
+		}
+	})
+	t.Run("run serves", func(t *testing.T) {
+		env["DATABASE_URL"] = "postgres://x@127.0.0.1:1/x?sslmode=disable"
+		out, err := runStopped(t, env)
+		if err != nil || !strings.Contains(out, `msg=serving`) {
+			t.Errorf("run: %v, want it to serve (output %q)", err, out)
+		}
+	})
 }
 
 // The password never reaches the logs, whatever the DSN form and however
@@ -124,23 +149,44 @@ func TestPprofListener(t *testing.T) {
 	resp.Body.Close()
 }
 
+// -healthcheck asks the running service for -healthcheck-path: /healthz
+// answers while the process serves, /readyz only with the database, which
+// this service does not have.
 func TestHealthcheckFlag(t *testing.T) {
 	up := newUpstream(t, 0, nil)
 	svc := startService(t, "postgres://x@127.0.0.1:1/x?sslmode=disable", up.URL)
 	listen := strings.TrimPrefix(svc.base, "http://")
-	noenv := func(string) string { return "" }
-	if err := run(context.Background(), []string{"objtrack", "-healthcheck", "-listen", listen}, noenv, &bytes.Buffer{}); err != nil {
-		t.Errorf("healthcheck of a running service: %v", err)
+	tests := []struct {
+		name    string
+		args    []string
+		env     map[string]string
+		wantErr string // "" for success
+	}{
+		{"healthz by default", []string{"-listen", listen}, nil, ""},
+		{"healthz", []string{"-listen", listen, "-healthcheck-path", "/healthz"}, nil, ""},
+		{"readyz without a database", []string{"-listen", listen, "-healthcheck-path", "/readyz"}, nil, "/readyz: status 503"},
+		{"unknown path", []string{"-listen", listen, "-healthcheck-path", "/nope"}, nil, "/nope: status 404"},
+		{"path not from the environment", []string{"-listen", listen}, map[string]string{"OBJTRACK_HEALTHCHECK_PATH": "/nope"}, ""},
+		{"nothing listening", []string{"-listen", freeAddr(t)}, nil, "healthcheck"},
 	}
-	if err := run(context.Background(), []string{"objtrack", "-healthcheck", "-listen", freeAddr(t)}, noenv, &bytes.Buffer{}); err == nil {
-		t.Error("healthcheck of nothing succeeded")
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			args := append([]string{"objtrack", "-healthcheck"}, tt.args...)
+			err := run(context.Background(), args, func(k string) string { return tt.env[k] }, &bytes.Buffer{})
+			switch {
+			case tt.wantErr == "" && err != nil:
+				t.Errorf("healthcheck: %v, want success", err)
+			case tt.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tt.wantErr)):
+				t.Errorf("healthcheck: %v, want an error mentioning %q", err, tt.wantErr)
+			}
+		})
 	}
 }
 
 var (
 	helpLine   = regexp.MustCompile(`^# HELP ([a-z_]+) \S.*$`)
 	typeLine   = regexp.MustCompile(`^# TYPE ([a-z_]+) (counter|gauge|histogram)$`)
-	sampleLine = regexp.MustCompile(`^([a-z_]+)(\{[a-z_]+="[^"]*"\})? (\S+)$`)
+	sampleLine = regexp.MustCompile(`^([a-z_]+)(\{[a-z_]+="[^"]*"(?:,[a-z_]+="[^"]*")*\})? (\S+)$`)
 )
 
 // The exposition parses as Prometheus text format, names follow the

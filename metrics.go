@@ -34,11 +34,21 @@ type metrics struct {
 
 	fetchesInFlight     gauge
 	fetchLimit          gauge
+	queueWait           gauge
+	upstreamUp          gauge
+	callbacksShed       *labeled
 	callbacksInMemory   gauge
 	idsInMemory         gauge
 	journalDepth        gauge
 	databaseUp          gauge
 	callbacksMemoryOnly gauge
+
+	// Inbound connections and descriptors (listener.go, budget.go).
+	inboundConns     gauge
+	inboundLimit     gauge
+	inboundClosed    *labeled
+	fdExhaustedTotal *labeled
+	fdExhausted      fdExhaustion
 
 	fetchLatency  *histogram
 	completion    *histogram
@@ -57,7 +67,8 @@ type exported struct {
 
 // Label values are fixed up front, so a bad value is a bug, not a new series.
 var (
-	rejectReasons = []string{"bad_method", "bad_json", "bad_id", "too_many_ids", "body_too_large", "backlog_full"}
+	rejectReasons = []string{"bad_method", "bad_json", "bad_id", "too_many_ids", "body_too_large"}
+	shedReasons   = []string{"backlog_full", "queue_wait", "busy"}
 	fetchOutcomes = []string{outcomeOnline, outcomeOffline, outcomeStatus, outcomeBody, outcomeWrongID, outcomeTransport, outcomeTimeout, outcomePanic}
 	dbOps         = []string{"schema", "ping", "journal", "apply", "reap", "renew", "claim", "expire", "park", "depth"}
 )
@@ -65,8 +76,11 @@ var (
 func newMetrics() *metrics {
 	m := &metrics{
 		callbacksRejected: newLabeled("reason", rejectReasons),
+		callbacksShed:     newLabeled("reason", shedReasons),
 		fetches:           newLabeled("outcome", fetchOutcomes),
 		dbErrors:          newLabeled("op", dbOps),
+		inboundClosed:     newLabeled("reason", inboundCloseReasons),
+		fdExhaustedTotal:  newLabeled("where", fdPlaces),
 		fetchLatency:      newHistogram(0.005, 0.025, 0.1, 0.25, 0.5, 1, 2, 3, 4, 5, 10),
 		completion:        newHistogram(0.1, 0.5, 1, 2, 3, 4, 5, 7.5, 10, 15, 20, 30),
 		answer:            newHistogram(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1),
@@ -93,27 +107,40 @@ func newMetrics() *metrics {
 		{"objtrack_db_errors_total", "Failed PostgreSQL operations, by operation.", "counter", m.dbErrors},
 		{"objtrack_panics_recovered_total", "Panics recovered in any goroutine.", "counter", &m.panics},
 		{"objtrack_fetches_in_flight", "Requests to the object service in flight.", "gauge", &m.fetchesInFlight},
-		{"objtrack_fetch_limit", "Requests to the object service allowed in flight now (adapts to the journal's commit latency).", "gauge", &m.fetchLimit},
-		{"objtrack_fetch_limit", "Requests to the object service allowed in flight now (adapts to the journal's commit latency).", "gauge", &m.fetchLimit},
+		{"objtrack_fetch_limit", "Requests to the object service allowed in flight now (adapts to the journal's commit latency and the backlog).", "gauge", &m.fetchLimit},
+		{"objtrack_fetch_queue_wait_milliseconds", "Estimated wait for a fetch slot of a new callback's ids, at the fetch rate measured now (admission sheds past -max-queue-wait).", "gauge", &m.queueWait},
+		{"objtrack_upstream_up", "1 while the object service answers; 0 after several failed attempts in a row.", "gauge", &m.upstreamUp},
+		{"objtrack_callbacks_shed_total", "Callbacks answered 503 with Retry-After because they could not be honoured now, by reason.", "counter", m.callbacksShed},
 		{"objtrack_callbacks_in_memory", "Callbacks accepted and not yet applied.", "gauge", &m.callbacksInMemory},
 		{"objtrack_ids_in_memory", "Object ids of the callbacks in memory.", "gauge", &m.idsInMemory},
 		{"objtrack_journal_depth", "Rows in the journal table, all instances.", "gauge", &m.journalDepth},
 		{"objtrack_database_up", "1 when PostgreSQL is reachable and the schema applied.", "gauge", &m.databaseUp},
 		{"objtrack_callbacks_memory_only", "Callbacks in memory without a committed journal row (a crash would lose them).", "gauge", &m.callbacksMemoryOnly},
+		{"objtrack_inbound_connections", "Inbound connections open now.", "gauge", &m.inboundConns},
+		{"objtrack_inbound_limit", "Most inbound connections open at once (-max-conns, fitted to the descriptor budget).", "gauge", &m.inboundLimit},
+		{"objtrack_inbound_closed_total", "Inbound connections closed by the service to stay within the limit, by reason.", "counter", m.inboundClosed},
+		{"objtrack_fd_exhausted_total", "Operations that failed for lack of file descriptors (EMFILE or ENFILE), by where.", "counter", m.fdExhaustedTotal},
+		{"objtrack_fd_exhausted", "1 while a place is out of file descriptors: from a failure until an operation there succeeds 5s after the last one.", "gauge", &m.fdExhausted},
 		{"objtrack_fetch_duration_seconds", "Time for one request to the object service.", "histogram", m.fetchLatency},
 		{"objtrack_callback_completion_seconds", "Time from receiving a callback to committing its objects.", "histogram", m.completion},
 		{"objtrack_callback_answer_seconds", "Time from receiving a callback to writing its 202 (senders give up after 1s).", "histogram", m.answer},
 		{"objtrack_journal_commit_seconds", "Time from receiving a callback to committing its journal row.", "histogram", m.journalCommit},
 	}
+	m.all = append(m.all, processMetrics(readBuildInfo())...)
 	return m
 }
 
-// WriteTo writes every metric in the text exposition format.
+// WriteTo writes every metric in the text exposition format: the service's
+// own, then the standard process and Go ones (process.go).
 func (m *metrics) WriteTo(w io.Writer) (int64, error) {
 	b := make([]byte, 0, 8<<10)
 	for _, e := range m.all {
+		family := len(b)
 		b = fmt.Appendf(b, "# HELP %s %s\n# TYPE %s %s\n", e.name, e.help, e.name, e.kind)
-		b = e.m.write(b, e.name)
+		samples := len(b)
+		if b = e.m.write(b, e.name); len(b) == samples {
+			b = b[:family] // nothing to report on this platform: leave the family out
+		}
 	}
 	n, err := w.Write(b)
 	return int64(n), err

@@ -13,13 +13,14 @@ import (
 // that applies it, and bounds how many there are. New callbacks come in
 // through accept, callbacks taken over from the journal through resume.
 type pipeline struct {
-	cfg     config
-	fetcher *fetcher
-	writer  *writer
-	db      *database
-	log     *slog.Logger
-	metrics *metrics
-	guard   *guard
+	cfg       config
+	fetcher   *fetcher
+	writer    *writer
+	admission *admission
+	db        *database
+	log       *slog.Logger
+	metrics   *metrics
+	guard     *guard
 
 	// ctx ends when the grace period after SIGTERM is over: fetches and
 	// writes stop and what is left is parked in the journal.
@@ -34,10 +35,10 @@ type pipeline struct {
 	heldIDs int
 }
 
-func newPipeline(cfg config, f *fetcher, w *writer, db *database, log *slog.Logger, m *metrics, g *guard) *pipeline {
+func newPipeline(cfg config, f *fetcher, w *writer, a *admission, db *database, log *slog.Logger, m *metrics, g *guard) *pipeline {
 	ctx, abort := context.WithCancel(context.Background())
 	return &pipeline{
-		cfg: cfg, fetcher: f, writer: w, db: db, log: log, metrics: m, guard: g,
+		cfg: cfg, fetcher: f, writer: w, admission: a, db: db, log: log, metrics: m, guard: g,
 		ctx: ctx, abort: abort,
 		held: make(map[int64]*callback),
 	}
@@ -50,9 +51,13 @@ type accepted struct {
 }
 
 // accept takes a callback received at receivedAt into the pipeline: admit
-// (or errBacklogFull), journal, start its lookups. The journal comes before
-// any fetch work for the callback.
+// (or errBacklogFull, or *overloaded when its new ids could not be fetched
+// in time), journal, start its lookups. The journal comes before any fetch
+// work for the callback.
 func (p *pipeline) accept(receivedAt time.Time, objectIDs []int64) (accepted, error) {
+	if err := p.admission.check(p.fetcher.countNew(objectIDs)); err != nil {
+		return accepted{}, err
+	}
 	cb := newCallback(receivedAt, objectIDs)
 	if err := p.admit(cb); err != nil {
 		return accepted{}, err

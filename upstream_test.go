@@ -1,0 +1,60 @@
+package main
+
+import (
+	"io"
+	"net/http"
+	"strings"
+	"sync/atomic"
+	"testing"
+)
+
+// An object service that does not answer is not silent: a WARN that names
+// it, the gauge at 0 and /readyz saying so (still 200: the database is up),
+// and an INFO once it answers again.
+func TestUnreachableObjectServiceIsReported(t *testing.T) {
+	dsn := testDSN(t)
+	var broken atomic.Bool
+	broken.Store(true)
+	up := newUpstream(t, 0, func(w http.ResponseWriter, r *http.Request, id int64, n int) bool {
+		if broken.Load() {
+			http.Error(w, "down", http.StatusBadGateway)
+			return true
+		}
+		return false
+	})
+	svc := startService(t, dsn, up.URL)
+	svc.waitReady(t)
+	postTimed(t, svc.base, 2, 4, 6, 8, 10, 12)
+	eventually(t, landWithin, "objtrack_upstream_up 0", func() bool { return svc.metric(t, "objtrack_upstream_up") == 0 })
+	if logs := svc.logs.String(); !strings.Contains(logs, "level=WARN msg=\"object service not answering") || !strings.Contains(logs, up.URL) {
+		t.Errorf("no WARN naming the object service:\n%s", tail(logs, 20))
+	}
+	status, body := getBody(t, svc.base+"/readyz")
+	if status != http.StatusOK || !strings.Contains(body, `"object_service":"down: `) {
+		t.Errorf("readyz %d %s, want 200 with the object service down", status, body)
+	}
+	broken.Store(false)
+	eventually(t, landWithin, "objtrack_upstream_up 1", func() bool { return svc.metric(t, "objtrack_upstream_up") == 1 })
+	if !strings.Contains(svc.logs.String(), "object service answering again") {
+		t.Error("no INFO when the object service answers again")
+	}
+}
+
+// Lookups given up at the TTL are logged at WARN with a count.
+func TestDroppedLookupsAreLogged(t *testing.T) {
+	svc := startService(t, "postgres://x@127.0.0.1:1/x?sslmode=disable", "http://127.0.0.1:1", "-ttl", "1s")
+	post(t, svc.base, idsBody(1, 2, 3))
+	eventually(t, landWithin, "ids dropped", func() bool { return svc.metric(t, "objtrack_ids_dropped_total") == 3 })
+	eventually(t, landWithin, "the WARN", func() bool {
+		return strings.Contains(svc.logs.String(), "lookups given up: no answer from the object service before received time + TTL")
+	})
+	resp, err := http.Get(svc.base + "/readyz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if !strings.Contains(string(b), "object_service") {
+		t.Errorf("readyz body %s does not show the object service", b)
+	}
+}
