@@ -51,14 +51,7 @@ func startProc(t *testing.T, dsn, upstreamURL string, extra ...string) *proc {
 			t.Logf("service %s log:\n%s", addr, tail(logs.String(), 40))
 		}
 	})
-	eventually(t, 15*time.Second, "subprocess ready", func() bool {
-		resp, err := http.Get(p.base + "/readyz")
-		if err != nil {
-			return false
-		}
-		resp.Body.Close()
-		return resp.StatusCode == http.StatusOK
-	})
+	waitReadyAt(t, p.base)
 	return p
 }
 
@@ -353,6 +346,11 @@ func TestDatabaseOutageMidRun(t *testing.T) {
 	if n := svc.metric(t, "objtrack_journal_failures_total"); n == 0 {
 		t.Error("no journal failure counted during the outage")
 	}
+	// The callbacks accepted into memory only during the outage were
+	// journaled once PostgreSQL was back (or finished before that).
+	eventually(t, landWithin, "no callback in memory only", func() bool {
+		return svc.metric(t, "objtrack_callbacks_memory_only") == 0
+	})
 }
 
 func TestFloodBeyondBacklogGets503NotACrash(t *testing.T) {
@@ -386,4 +384,50 @@ func TestFloodBeyondBacklogGets503NotACrash(t *testing.T) {
 	eventually(t, 10*time.Second, "accepted callbacks applied", func() bool {
 		return len(objectsIn(t, db)) == codes[http.StatusAccepted]
 	})
+}
+
+// Callbacks accepted into memory only while PostgreSQL is down are
+// journaled as soon as it is back, so a SIGKILL after the outage loses none
+// of them.
+func TestMemoryOnlyCallbacksAreJournaledWhenTheDatabaseReturns(t *testing.T) {
+	dsn := testDSN(t)
+	proxy := newTCPProxy(t, "")
+	proxied := proxy.dsn(t, dsn)
+	proxy.setUp(true)
+	// Lookups hang until released, so the callbacks stay in memory.
+	release := make(chan struct{})
+	var once sync.Once
+	t.Cleanup(func() { once.Do(func() { close(release) }) })
+	up := newUpstream(t, 0, func(w http.ResponseWriter, r *http.Request, id int64, n int) bool {
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+		return false
+	})
+	a := startProc(t, proxied, up.URL, "-lease", "1s")
+	proxy.setUp(false)
+	eventually(t, landWithin, "readyz 503 during the outage", func() bool {
+		status, _ := getBody(t, a.base+"/readyz")
+		return status == http.StatusServiceUnavailable
+	})
+	s := &sender{}
+	stop := make(chan struct{})
+	go func() { time.Sleep(500 * time.Millisecond); close(stop) }()
+	s.run(t, func() string { return a.base }, 10, 100*time.Millisecond, stop)
+	if len(s.acked) == 0 {
+		t.Fatal("no callback was acknowledged during the outage")
+	}
+	eventually(t, landWithin, "memory-only callbacks counted", func() bool {
+		return metricAt(t, a.base, "objtrack_callbacks_memory_only") == float64(len(s.acked))
+	})
+	proxy.setUp(true)
+	eventually(t, landWithin, "memory-only callbacks journaled", func() bool {
+		return metricAt(t, a.base, "objtrack_journal_rejournaled_total") == float64(len(s.acked)) &&
+			metricAt(t, a.base, "objtrack_callbacks_memory_only") == 0
+	})
+	_ = a.signal(t, syscall.SIGKILL, 5*time.Second)
+	once.Do(func() { close(release) })
+	startProc(t, dsn, up.URL, "-lease", "1s")
+	s.checkAllLanded(t, dsn, landWithin)
 }

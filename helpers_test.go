@@ -313,8 +313,19 @@ func idsBody(ids ...int64) string {
 // waitReady waits until the service reports the database ready.
 func (s *service) waitReady(t testing.TB) {
 	t.Helper()
-	eventually(t, 15*time.Second, "service /readyz", func() bool {
-		resp, err := http.Get(s.base + "/readyz")
+	waitReadyAt(t, s.base)
+}
+
+// readyWithin is how long a starting service may take to reach PostgreSQL
+// and apply the schema: the first check runs at once, but a busy machine
+// may take seconds to start a process and open connections.
+const readyWithin = 30 * time.Second
+
+// waitReadyAt waits until the service at base answers /readyz with 200.
+func waitReadyAt(t testing.TB, base string) {
+	t.Helper()
+	eventually(t, readyWithin, base+"/readyz", func() bool {
+		resp, err := http.Get(base + "/readyz")
 		if err != nil {
 			return false
 		}
