@@ -99,6 +99,20 @@ func objectsIn(t testing.TB, db *sql.DB) map[int64]time.Time {
 	return out
 }
 
+// wantObjects checks that the objects table holds exactly want.
+func wantObjects(t testing.TB, db *sql.DB, want map[int64]time.Time) {
+	t.Helper()
+	got := objectsIn(t, db)
+	if len(got) != len(want) {
+		t.Fatalf("rows %v, want %v", got, want)
+	}
+	for id, at := range want {
+		if !got[id].Equal(at) {
+			t.Errorf("id %d: last_seen %s, want %s", id, got[id], at)
+		}
+	}
+}
+
 func journalDepth(t testing.TB, db *sql.DB) int {
 	t.Helper()
 	var n int

@@ -47,16 +47,7 @@ func TestApplyRowsNeverMovesLastSeenBack(t *testing.T) {
 	if err != nil || n != 0 {
 		t.Fatalf("late apply: %d rows, %v; want 0", n, err)
 	}
-	got := objectsIn(t, db)
-	want := map[int64]time.Time{2: t0.Add(time.Second), 4: t0}
-	if len(got) != len(want) {
-		t.Fatalf("rows %v, want %v", got, want)
-	}
-	for id, at := range want {
-		if !got[id].Equal(at) {
-			t.Errorf("id %d: last_seen %s, want %s", id, got[id], at)
-		}
-	}
+	wantObjects(t, db, map[int64]time.Time{2: t0.Add(time.Second), 4: t0})
 }
 
 // The apply statement deletes the journal rows of the callbacks it

@@ -48,16 +48,7 @@ func TestApplyKeepsLatestTimeAndOnlyOnline(t *testing.T) {
 	// A late result for an earlier callback never moves a row back.
 	completeNow(t, a.writer, resolved(t0.Add(-time.Second), 2, 4))
 
-	got := objectsIn(t, db)
-	want := map[int64]time.Time{2: t0.Add(time.Second), 4: t0}
-	if len(got) != len(want) {
-		t.Fatalf("rows %v, want %v", got, want)
-	}
-	for id, at := range want {
-		if !got[id].Equal(at) {
-			t.Errorf("id %d: last_seen %s, want %s", id, got[id], at)
-		}
-	}
+	wantObjects(t, db, map[int64]time.Time{2: t0.Add(time.Second), 4: t0})
 	if n := a.metrics.rowsUpserted.Value(); n != 2 {
 		t.Errorf("rows upserted %d, want 2 (the late update changes nothing)", n)
 	}
