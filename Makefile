@@ -3,7 +3,7 @@
 .PHONY: demo test bench gobench drills build fuzz
 
 demo:
-	scripts/with-postgres scripts/demo
+	scripts/demo
 
 # Packages run one at a time (-p 1): the durability tests take every core
 # with busy loops on purpose, and the simulator package's test measures

@@ -8,6 +8,8 @@
 //	sim                              # reference load: a callback every 5 s
 //	sim -rate 20 -unique -ids-min 200 -duration 30s
 //	sim -mode upstream               # only the object service
+//	sim -target http://a:9090/callback,http://b:9090/callback -check-journal
+//	                                 # several instances in turn; the journal must end empty
 //	sim -mode ceiling -ceiling-target http://127.0.0.1:9010 -concurrency 1000
 //	sim -mode bench -service bin/objtrack   # the load benchmark (make bench)
 //
@@ -62,11 +64,13 @@ type config struct {
 	poll          time.Duration
 	settle        time.Duration
 	checkExpiry   bool
+	checkJournal  bool
 	faults        faults
 	statusEvery   time.Duration
 	json          bool
 	concurrency   int
 	ceilingTarget string
+	floodConns    int
 	// bench mode
 	service     string
 	refDuration time.Duration
@@ -74,7 +78,7 @@ type config struct {
 }
 
 // modes are the values of -mode.
-var modes = []string{"run", "upstream", "ceiling", "bench"}
+var modes = []string{"run", "upstream", "ceiling", "bench", "flood"}
 
 func main() {
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
@@ -92,8 +96,9 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 		"duplicate-heavy, then unique ids at each of -unique-rates until one does not\n"+
 		"hold), drive it with this program in run mode, then measure the ceiling at the\n"+
 		"service's peak fetch concurrency, and print one table; it needs -dsn and reads\n"+
-		"only -service, -dsn, -duration, -ref-duration and -unique-rates")
-	fs.StringVar(&c.target, "target", "http://localhost:9090/callback", "the service's callback URL")
+		"only -service, -dsn, -duration, -ref-duration and -unique-rates;\n"+
+		"flood: hold -flood-conns idle keep-alive connections to the service")
+	fs.StringVar(&c.target, "target", "http://localhost:9090/callback", "the service's callback URL, or several separated by commas: callbacks go to them in turn\n(round robin, as a load balancer in front of several instances would send them)")
 	fs.StringVar(&c.listen, "listen", "localhost:9010", "address of the simulated object service (empty: do not serve it)")
 	fs.StringVar(&c.dsn, "dsn", os.Getenv("DATABASE_URL"), "PostgreSQL DSN to check the objects table in (default $DATABASE_URL; empty: no table checks);\nbench mode: required, and its objects and callback_journal tables are emptied before each load")
 	fs.Float64Var(&c.rate, "rate", 0.2, "callbacks per second (open loop)")
@@ -115,6 +120,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.DurationVar(&c.poll, "poll", 250*time.Millisecond, "shortest interval between table polls (it grows with the table, to keep the checker's load small)")
 	fs.DurationVar(&c.settle, "settle", 30*time.Second, "after the last callback, how long the table may take to become exact")
 	fs.BoolVar(&c.checkExpiry, "check-expiry", true, "after the run, wait out the TTL and check that every row of the run was reaped")
+	fs.BoolVar(&c.checkJournal, "check-journal", false, "after the table is exact, wait (within -settle) for the service's journal table to be empty, and fail\nif it is not: every accepted callback was finished, none left behind (it counts all rows, so\nonly this run may send to the services on that database)")
 	fs.Float64Var(&c.faults.status500, "fault-500", 0, "fraction of object-service answers that are 500")
 	fs.Float64Var(&c.faults.garbage, "fault-garbage", 0, "fraction of object-service answers that are invalid JSON")
 	fs.Float64Var(&c.faults.wrongID, "fault-wrong-id", 0, "fraction of object-service answers that name another id")
@@ -123,6 +129,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.DurationVar(&c.statusEvery, "status-every", 10*time.Second, "print a status line this often (0: never)")
 	fs.BoolVar(&c.json, "json", false, "end with one line 'SUMMARY {json}' on stdout, for scripts")
 	fs.IntVar(&c.concurrency, "concurrency", 1000, "ceiling mode: concurrent client requests")
+	fs.IntVar(&c.floodConns, "flood-conns", 18500, "flood mode: keep-alive connections to open to the host of -target, each idle after one GET /healthz,\nheld until -duration passes (0: until interrupted); see flood.go")
 	fs.StringVar(&c.ceilingTarget, "ceiling-target", "", "ceiling mode: base URL of the object service (empty: serve one in this process on a free port)")
 	fs.StringVar(&c.service, "service", "bin/objtrack", "bench mode: the service binary, started afresh for each load")
 	fs.DurationVar(&c.refDuration, "ref-duration", 60*time.Second, "bench mode: sending time of the reference load")
@@ -151,6 +158,8 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 		return c, errors.New("-mode bench needs -dsn or DATABASE_URL")
 	case c.mode == "bench" && (c.duration <= 0 || c.refDuration <= 0):
 		return c, errors.New("-duration and -ref-duration must be positive in bench mode")
+	case slices.Contains(strings.Split(c.target, ","), ""):
+		return c, fmt.Errorf("-target %q: an empty URL in the list", c.target)
 	case c.rate <= 0:
 		return c, errors.New("-rate must be positive")
 	case c.idsMin < 0 || c.idsMax < c.idsMin:
@@ -214,7 +223,11 @@ func run(args []string, stdout, stderr io.Writer) int {
 	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
 	go func() {
 		<-sigs
-		fmt.Fprintln(stderr, "sim: interrupted: no more callbacks; final checks (interrupt again to skip them)")
+		if c.mode == "upstream" {
+			fmt.Fprintln(stderr, "sim: interrupted: stopping the object service")
+		} else {
+			fmt.Fprintln(stderr, "sim: interrupted: no more callbacks; final checks (interrupt again to skip them)")
+		}
 		stopSending()
 		<-sigs
 		cancel()
@@ -232,6 +245,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		<-sendCtx.Done()
 		fmt.Fprintf(stderr, "sim: served %d requests (%d with injected faults)\n", objects.requests.Load(), objects.faulted.Load())
 		return 0
+	case "flood":
+		return runFlood(sendCtx, c, stdout, stderr)
 	case "ceiling":
 		return runCeiling(ctx, c, objects, stdout, stderr)
 	}
@@ -277,7 +292,7 @@ func runLoad(ctx, sendCtx context.Context, c config, objects *objectService, std
 	}
 	runStart := time.Now()
 	check := newChecker(c.ttl, c.reapEvery, c.tol, c.timeout, onlineFunc(c.online), runStart)
-	s := newSender(c.target, c.timeout)
+	s := newSender(strings.Split(c.target, ","), c.timeout)
 	s.rate, s.idsMin, s.idsMax, s.idSpace, s.unique = c.rate, c.idsMin, c.idsMax, c.idSpace, c.unique
 	s.duration, s.count, s.check = c.duration, c.count, check
 	// A base far above any id space a person would type, distinct per run.
@@ -310,7 +325,7 @@ func runLoad(ctx, sendCtx context.Context, c config, objects *objectService, std
 				case <-statusDone:
 					return
 				case <-t.C:
-					status(stderr, s, objects, p, check)
+					status(stderr, c, s, objects, p, check)
 				}
 			}
 		}()
@@ -318,13 +333,18 @@ func runLoad(ctx, sendCtx context.Context, c config, objects *objectService, std
 	defer close(statusDone)
 
 	first, last := s.run(sendCtx)
+	settled := time.Now().Add(c.settle)
 	if p != nil {
 		p.sendingDone(last)
 		select {
 		case <-p.exact:
-		case <-time.After(c.settle):
+		case <-time.After(time.Until(settled)):
 		case <-ctx.Done():
 		}
+	}
+	journalLeft := 0
+	if p != nil && c.checkJournal {
+		journalLeft = p.waitJournalEmpty(ctx, settled, stderr)
 	}
 	notReaped := 0
 	if p != nil && c.checkExpiry && ctx.Err() == nil && !last.IsZero() {
@@ -342,24 +362,28 @@ func runLoad(ctx, sendCtx context.Context, c config, objects *objectService, std
 		case <-ctx.Done():
 		}
 	}
+	// Without the table there is nothing to judge lost.
 	if p != nil {
 		p.stop()
+		check.finish()
 	}
-	check.finish()
-	return report(c, s, objects, p, check, first, last, notReaped, stdout, stderr)
+	return report(c, s, objects, p, check, first, last, notReaped, journalLeft, stdout, stderr)
 }
 
-func status(w io.Writer, s *sender, objects *objectService, p *poller, check *checker) {
+func status(w io.Writer, c config, s *sender, objects *objectService, p *poller, check *checker) {
 	v := check.verdict()
-	line := fmt.Sprintf("sim: %s sent=%d accepted=%d failed=%d upstream=%d", time.Now().Format("15:04:05"),
-		s.sentN.Load(), s.acceptedN.Load(), s.failedN.Load(), objects.requests.Load())
+	line := fmt.Sprintf("sim: %s sent=%d accepted=%d failed=%d", time.Now().Format("15:04:05"),
+		s.sentN.Load(), s.acceptedN.Load(), s.failedN.Load())
+	if c.listen != "" {
+		line += fmt.Sprintf(" upstream=%d", objects.requests.Load())
+	}
 	if p != nil {
 		line += fmt.Sprintf(" rows=%d table_errors=%d lost=%d poll_failures=%d", p.rows.Load(), v.tableErrors, v.lostIDs, p.failures.Load())
 	}
 	fmt.Fprintln(w, line)
 }
 
-func report(c config, s *sender, objects *objectService, p *poller, check *checker, first, last time.Time, notReaped int, stdout, stderr io.Writer) int {
+func report(c config, s *sender, objects *objectService, p *poller, check *checker, first, last time.Time, notReaped, journalLeft int, stdout, stderr io.Writer) int {
 	v := check.verdict()
 	p50, p99, maxAck := s.ackPercentiles()
 	sent, accepted, failed := s.sentN.Load(), s.acceptedN.Load(), s.failedN.Load()
@@ -377,7 +401,7 @@ func report(c config, s *sender, objects *objectService, p *poller, check *check
 		pollFailures = p.failures.Load()
 	}
 	missed := failed + int64(v.lostCbs)
-	pass := missed == 0 && v.tableErrors == 0 && notReaped == 0 && (p == nil || catchup >= 0)
+	pass := missed == 0 && v.tableErrors == 0 && notReaped == 0 && journalLeft == 0 && (p == nil || catchup >= 0)
 	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 	sum := map[string]any{
 		"sent": sent, "accepted": accepted, "failed": failed, "missed": missed,
@@ -390,6 +414,9 @@ func report(c config, s *sender, objects *objectService, p *poller, check *check
 		"not_reaped": notReaped, "poll_failures": pollFailures, "pass": pass,
 		"duration_s": span.Seconds(),
 	}
+	if p != nil && c.checkJournal {
+		sum["journal_left"] = journalLeft
+	}
 
 	out := stderr
 	if !c.json {
@@ -400,8 +427,10 @@ func report(c config, s *sender, objects *objectService, p *poller, check *check
 		fmt.Fprintf(out, " (first: %s)", f)
 	}
 	fmt.Fprintf(out, "\nsim: answer time p50 %s, p99 %s, max %s\n", p50.Round(time.Microsecond), p99.Round(time.Microsecond), maxAck.Round(time.Microsecond))
-	fmt.Fprintf(out, "sim: object service: %d requests (%.4f per id sent, %.0f/s), %d with injected faults\n",
-		reqs, sum["upstream_per_id"], sum["upstream_per_sec"], objects.faulted.Load())
+	if c.listen != "" {
+		fmt.Fprintf(out, "sim: object service: %d requests (%.4f per id sent, %.0f/s), %d with injected faults\n",
+			reqs, sum["upstream_per_id"], sum["upstream_per_sec"], objects.faulted.Load())
+	}
 	if p != nil {
 		catch := "never within -settle"
 		if catchup >= 0 {
@@ -409,6 +438,13 @@ func report(c config, s *sender, objects *objectService, p *poller, check *check
 		}
 		fmt.Fprintf(out, "sim: table exact %s; %d table errors %s; %d online ids lost from %d callbacks; %d polls failed\n",
 			catch, v.tableErrors, v.byKind, v.lostIDs, v.lostCbs, pollFailures)
+		switch {
+		case !c.checkJournal:
+		case journalLeft < 0:
+			fmt.Fprintln(out, "sim: journal check could not run")
+		default:
+			fmt.Fprintf(out, "sim: %d journal rows left after the run\n", journalLeft)
+		}
 		switch {
 		case !c.checkExpiry:
 		case notReaped < 0:
@@ -522,6 +558,29 @@ func (p *poller) snapshot(ctx context.Context) ([]row, error) {
 		return nil, fmt.Errorf("poll the objects table: %w", err)
 	}
 	return rows, nil
+}
+
+// waitJournalEmpty polls the service's journal table until it is empty or
+// the deadline passes, and returns the rows left (-1 when it cannot count
+// them).
+func (p *poller) waitJournalEmpty(ctx context.Context, deadline time.Time, stderr io.Writer) int {
+	for {
+		qctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		var n int
+		err := p.db.QueryRowContext(qctx, `SELECT count(*) FROM callback_journal`).Scan(&n)
+		cancel()
+		if err != nil {
+			fmt.Fprintf(stderr, "sim: count the journal: %v\n", err)
+			return -1
+		}
+		if n == 0 || time.Now().After(deadline) || ctx.Err() != nil {
+			return n
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(p.every):
+		}
+	}
 }
 
 func (p *poller) loop(ctx context.Context) {

@@ -17,9 +17,10 @@ import (
 
 // sender plays the callback sender: an open loop that POSTs a callback at
 // every tick of the schedule whether or not earlier ones have answered, each
-// with its own client timeout, as the reference tester does.
+// with its own client timeout, as the reference tester does. With several
+// targets, callbacks go to them in turn.
 type sender struct {
-	target           string
+	targets          []string
 	rate             float64
 	idsMin, idsMax   int
 	idSpace          int64
@@ -38,14 +39,14 @@ type sender struct {
 	acks []time.Duration
 }
 
-func newSender(target string, timeout time.Duration) *sender {
+func newSender(targets []string, timeout time.Duration) *sender {
 	tr := &http.Transport{
 		MaxIdleConns:        1024,
 		MaxIdleConnsPerHost: 1024,
 		IdleConnTimeout:     90 * time.Second,
 		DialContext:         (&net.Dialer{Timeout: timeout}).DialContext,
 	}
-	return &sender{target: target, timeout: timeout, client: &http.Client{Transport: tr, Timeout: timeout}}
+	return &sender{targets: targets, timeout: timeout, client: &http.Client{Transport: tr, Timeout: timeout}}
 }
 
 // ids draws the ids of the next callback: a count in [idsMin, idsMax], from
@@ -108,7 +109,7 @@ func (s *sender) run(ctx context.Context) (first, last time.Time) {
 }
 
 func (s *sender) send(idx int, sendAt time.Time, body []byte) {
-	resp, err := s.client.Post(s.target, "application/json", bytes.NewReader(body))
+	resp, err := s.client.Post(s.targets[idx%len(s.targets)], "application/json", bytes.NewReader(body))
 	ok := false
 	reason := ""
 	if err != nil {

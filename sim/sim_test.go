@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -148,6 +149,8 @@ func TestFlags(t *testing.T) {
 		{[]string{"-mode", "fast"}, "-mode"},
 		{[]string{"-latency-min", "2s", "-latency-max", "1s"}, "latency"},
 		{[]string{"extra"}, "unexpected"},
+		{[]string{"-target", "http://a/callback,,http://b/callback"}, "-target"},
+		{[]string{"-target", "http://a/callback,http://b/callback"}, ""},
 		{[]string{"-mode", "bench", "-dsn", ""}, "-dsn"},
 		{[]string{"-mode", "bench", "-dsn", "x", "-unique-rates", "10,fast"}, "-unique-rates"},
 		{[]string{"-mode", "bench", "-dsn", "x", "-ref-duration", "0s"}, "-ref-duration"},
@@ -293,6 +296,84 @@ func TestRunFailsWhenNothingIsStored(t *testing.T) {
 	}
 	if sum.Sent != 5 || sum.Missed != 5 || sum.Lost != 10 || sum.Catchup != -1 {
 		t.Errorf("summary %+v, want 5 sent, 5 missed, 10 lost ids, never exact", sum)
+	}
+}
+
+// With several targets, callbacks go to each in turn.
+func TestSenderRoundRobin(t *testing.T) {
+	var targets []string
+	var got []*atomic.Int64
+	for range 3 {
+		n := &atomic.Int64{}
+		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			n.Add(1)
+			w.WriteHeader(http.StatusAccepted)
+		}))
+		t.Cleanup(srv.Close)
+		targets = append(targets, srv.URL)
+		got = append(got, n)
+	}
+	var out, errOut bytes.Buffer
+	code := run([]string{"-target", strings.Join(targets, ","), "-listen", "", "-dsn", "", "-rate", "50", "-count", "9",
+		"-status-every", "0"}, &out, &errOut)
+	if code != 0 {
+		t.Fatalf("exit %d, want 0\n%s%s", code, out.String(), errOut.String())
+	}
+	for i, n := range got {
+		if n.Load() != 3 {
+			t.Errorf("target %d got %d callbacks, want 3 of 9", i, n.Load())
+		}
+	}
+}
+
+// -check-journal passes only when the service's journal table is empty by
+// the end of -settle: a row left behind is a callback never finished.
+func TestRunChecksTheJournal(t *testing.T) {
+	cases := []struct {
+		name     string
+		leftover bool
+		wantCode int
+		wantLeft int
+	}{
+		{"empty journal", false, 0, 0},
+		{"row left behind", true, 1, 1},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			dsn := testSchema(t)
+			db, err := sql.Open("postgres", dsn)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { db.Close() })
+			if _, err := db.Exec(`CREATE TABLE objects (id BIGINT PRIMARY KEY, last_seen TIMESTAMPTZ NOT NULL);
+				CREATE TABLE callback_journal (id BIGINT PRIMARY KEY)`); err != nil {
+				t.Fatal(err)
+			}
+			if tc.leftover {
+				if _, err := db.Exec(`INSERT INTO callback_journal VALUES (1)`); err != nil {
+					t.Fatal(err)
+				}
+			}
+			// Callbacks without ids: the table is exact at once, so only the
+			// journal decides.
+			accept := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				w.WriteHeader(http.StatusAccepted)
+			}))
+			t.Cleanup(accept.Close)
+			var out, errOut bytes.Buffer
+			code := run([]string{"-target", accept.URL, "-listen", "", "-dsn", dsn, "-ids", "0", "-rate", "20", "-count", "2",
+				"-settle", "1s", "-check-expiry=false", "-check-journal", "-json", "-status-every", "0"}, &out, &errOut)
+			var sum struct {
+				JournalLeft *int `json:"journal_left"`
+			}
+			if err := parseSummary(out.Bytes(), &sum); err != nil {
+				t.Fatalf("summary %q: %v", out.String(), err)
+			}
+			if code != tc.wantCode || sum.JournalLeft == nil || *sum.JournalLeft != tc.wantLeft {
+				t.Errorf("exit %d, journal_left %v, want exit %d and %d left\n%s", code, sum.JournalLeft, tc.wantCode, tc.wantLeft, errOut.String())
+			}
+		})
 	}
 }
 
