@@ -44,6 +44,8 @@ type benchLoad struct {
 type benchSummary struct {
 	Sent           int     `json:"sent"`
 	Missed         int     `json:"missed"`
+	Shed           int     `json:"shed"`
+	TimedOut       int     `json:"timed_out"`
 	AckP50         float64 `json:"ack_p50_ms"`
 	AckP99         float64 `json:"ack_p99_ms"`
 	AckMax         float64 `json:"ack_max_ms"`
@@ -218,7 +220,7 @@ func measure(ctx context.Context, c config, self string, l benchLoad, stderr io.
 
 	switch {
 	case sum.Missed > 0:
-		res.note = fmt.Sprintf("%d callbacks missed", sum.Missed)
+		res.note = fmt.Sprintf("%d callbacks missed (%d shed with 503, %d timed out)", sum.Missed, sum.Shed, sum.TimedOut)
 	case !sum.Pass:
 		res.note = "simulator verdict FAIL"
 	case l.unique && (sum.CatchupMS < 0 || sum.CatchupMS > 6000):
@@ -292,7 +294,7 @@ func resetTables(dsn string) error {
 }
 
 func printBenchTable(w io.Writer, results []benchResult, best *benchResult, ceiling benchSummary) {
-	fmt.Fprintf(w, "\n%-18s %6s %6s %24s %9s %9s %9s %9s %9s %6s\n", "load", "sent", "missed",
+	fmt.Fprintf(w, "\n%-18s %6s %6s %6s %6s %24s %9s %9s %9s %9s %9s %6s\n", "load", "sent", "missed", "shed", "t/o",
 		"ack p50/p99/max ms", "catch-up", "req/id", "req/s", "fetch/s", "RSS MiB", "cpu/1k")
 	for _, r := range results {
 		catchup := "never"
@@ -303,7 +305,7 @@ func printBenchTable(w io.Writer, results []benchResult, best *benchResult, ceil
 		if !r.held {
 			mark = "  <- " + r.note
 		}
-		fmt.Fprintf(w, "%-18s %6d %6d %24s %9s %9.4f %9.0f %9.0f %9.0f %6.2f%s\n", r.name, r.sum.Sent, r.sum.Missed,
+		fmt.Fprintf(w, "%-18s %6d %6d %6d %6d %24s %9s %9.4f %9.0f %9.0f %9.0f %6.2f%s\n", r.name, r.sum.Sent, r.sum.Missed, r.sum.Shed, r.sum.TimedOut,
 			fmt.Sprintf("%.1f/%.1f/%.1f", r.sum.AckP50, r.sum.AckP99, r.sum.AckMax), catchup,
 			r.sum.UpstreamPerID, r.sum.UpstreamPerSec, r.fetchRate, r.peakRSSMiB, r.cpuPer1000, mark)
 	}
@@ -316,7 +318,8 @@ func printBenchTable(w io.Writer, results []benchResult, best *benchResult, ceil
 		fmt.Fprintf(w, "bare-client ceiling at %d concurrent: %.0f GET/s (%d errors); the service reached %.0f%% of it\n",
 			best.peakFlight, ceiling.RequestsPerSec, ceiling.Errors, 100*best.fetchRate/ceiling.RequestsPerSec)
 	}
-	fmt.Fprintln(w, "columns: req/id = upstream requests per id sent; req/s = upstream requests per second over the run;")
+	fmt.Fprintln(w, "columns: missed = callbacks without a 2xx, of them shed = answered 503 at once, t/o = no answer within 1 s;")
+	fmt.Fprintln(w, "req/id = upstream requests per id sent; req/s = upstream requests per second over the run;")
 	fmt.Fprintln(w, "fetch/s = the service's fetches per second while sending (after 5 s); RSS = peak resident set of the service;")
 	fmt.Fprintln(w, "cpu/1k = service CPU seconds per 1000 fetches; catch-up = last callback to an exact table.")
 }

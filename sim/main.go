@@ -405,6 +405,7 @@ func report(c config, s *sender, objects *objectService, p *poller, check *check
 	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 	sum := map[string]any{
 		"sent": sent, "accepted": accepted, "failed": failed, "missed": missed,
+		"shed": s.shedN.Load(), "timed_out": s.timedOutN.Load(),
 		"ack_p50_ms": ms(p50), "ack_p99_ms": ms(p99), "ack_max_ms": ms(maxAck),
 		"ids_sent": s.idsN.Load(), "upstream_requests": reqs,
 		"upstream_per_id":  ratio(float64(reqs), float64(s.idsN.Load())),

@@ -33,6 +33,9 @@ type sender struct {
 	client           *http.Client
 	sentN, acceptedN atomic.Int64
 	failedN, idsN    atomic.Int64
+	// Of the failed: answered 503 (shed: the service said at once that it
+	// cannot take the callback now), and no answer within the timeout.
+	shedN, timedOutN atomic.Int64
 	firstFailure     atomic.Value // string
 
 	mu   sync.Mutex
@@ -114,11 +117,17 @@ func (s *sender) send(idx int, sendAt time.Time, body []byte) {
 	reason := ""
 	if err != nil {
 		reason = err.Error()
+		if ne, isNet := err.(net.Error); isNet && ne.Timeout() {
+			s.timedOutN.Add(1)
+		}
 	} else {
 		io.Copy(io.Discard, resp.Body)
 		resp.Body.Close()
 		ok = resp.StatusCode >= 200 && resp.StatusCode < 300
 		reason = resp.Status
+		if resp.StatusCode == http.StatusServiceUnavailable {
+			s.shedN.Add(1)
+		}
 	}
 	end := time.Now()
 	s.check.answered(idx, end, ok)

@@ -386,12 +386,25 @@ func TestRunCountsUnansweredCallbacks(t *testing.T) {
 		w.WriteHeader(http.StatusServiceUnavailable)
 	}))
 	t.Cleanup(slow.Close)
-	for _, path := range []string{"/slow", "/unavailable"} {
+	// A 503 is counted as shed, no answer within the timeout as timed out;
+	// both are missed callbacks.
+	for _, tt := range []struct {
+		path           string
+		shed, timedOut int
+	}{{"/slow", 0, 3}, {"/unavailable", 3, 0}} {
 		var out, errOut bytes.Buffer
-		code := run([]string{"-target", slow.URL + path, "-listen", "", "-dsn", "", "-timeout", "100ms",
-			"-rate", "50", "-count", "3", "-status-every", "0"}, &out, &errOut)
-		if code != 1 || !strings.Contains(out.String(), "FAIL: 3 missed") {
-			t.Errorf("%s: exit %d, want 1 with 3 missed:\n%s%s", path, code, out.String(), errOut.String())
+		code := run([]string{"-target", slow.URL + tt.path, "-listen", "", "-dsn", "", "-timeout", "100ms",
+			"-rate", "50", "-count", "3", "-status-every", "0", "-json"}, &out, &errOut)
+		var sum struct {
+			Shed     int `json:"shed"`
+			TimedOut int `json:"timed_out"`
+		}
+		err := parseSummary(out.Bytes(), &sum)
+		if code != 1 || err != nil || !strings.Contains(errOut.String(), "FAIL: 3 missed") {
+			t.Errorf("%s: exit %d (%v), want 1 with 3 missed:\n%s%s", tt.path, code, err, out.String(), errOut.String())
+		}
+		if sum.Shed != tt.shed || sum.TimedOut != tt.timedOut {
+			t.Errorf("%s: shed %d, timed out %d; want %d and %d", tt.path, sum.Shed, sum.TimedOut, tt.shed, tt.timedOut)
 		}
 	}
 }
