@@ -21,7 +21,8 @@ gobench:
 	scripts/with-postgres go test -run '^$$' -bench . -benchmem -count 6 .
 
 # Failure drills: SIGKILL and restart, PostgreSQL outage, cold start without
-# PostgreSQL, object-service faults (about 6 minutes).
+# PostgreSQL, object-service faults, a kill under CPU pressure, a flood of
+# idle connections, a fleet of three with one killed (7-8 minutes).
 drills:
 	scripts/with-postgres scripts/drills
 
