@@ -1,7 +1,6 @@
 package main
 
 import (
-	"io"
 	"net/http"
 	"strings"
 	"sync/atomic"
@@ -48,13 +47,7 @@ func TestDroppedLookupsAreLogged(t *testing.T) {
 	eventually(t, landWithin, "the WARN", func() bool {
 		return strings.Contains(svc.logs.String(), "lookups given up: no answer from the object service before received time + TTL")
 	})
-	resp, err := http.Get(svc.base + "/readyz")
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if !strings.Contains(string(b), "object_service") {
-		t.Errorf("readyz body %s does not show the object service", b)
+	if _, body := getBody(t, svc.base+"/readyz"); !strings.Contains(body, "object_service") {
+		t.Errorf("readyz body %s does not show the object service", body)
 	}
 }
