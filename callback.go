@@ -24,6 +24,7 @@ type callback struct {
 	journalID  int64     // its journal row's id, random so instances never collide
 	receivedAt time.Time // becomes last_seen; the service's wall clock, µs precision
 	objectIDs  []int64   // sorted, without duplicates
+	leaseUntil time.Time // no later than its journal row's lease; guarded by pipeline.mu
 
 	// The journal state, guarded by jmu: the handler, the journal writer,
 	// the journal keeper and the callback's own processing all look at it.
@@ -66,7 +67,18 @@ func (cb *callback) result(i int) result { return result(cb.results[i].Load()) }
 // takeOnline returns the ids found online and not yet written, and marks
 // them written.
 func (cb *callback) takeOnline() []int64 {
-	var out []int64
+	// Counted first so that one exact allocation holds them: at thousands
+	// of callbacks a second, growing the slice was a tenth of the CPU.
+	n := 0
+	for i := range cb.objectIDs {
+		if !cb.written[i] && cb.result(i) == resultOnline {
+			n++
+		}
+	}
+	if n == 0 {
+		return nil
+	}
+	out := make([]int64, 0, n)
 	for i, id := range cb.objectIDs {
 		if !cb.written[i] && cb.result(i) == resultOnline {
 			cb.written[i] = true

@@ -41,6 +41,10 @@ func FuzzDecodeCallback(f *testing.F) {
 		`{"object_ids":[1,2,3]}`, `{"object_ids":[]}`, `{"object_ids":[1.5]}`, `{"object_ids":["1"]}`,
 		`{"object_ids":[9223372036854775807,-9223372036854775808]}`, `{"object_ids":[1]} x`, `[]`, ``, `{`,
 		`{"object_ids":[null]}`, `{"a":{"b":[1,{"c":"\u00e9"}]},"object_ids":[4,4]}`,
+		// Near misses of the fast path's one shape.
+		`{"object_ids":[01]}`, `{"object_ids":[-]}`, `{"object_ids":[1,]}`, `{"object_ids":[1 2]}`,
+		`{"object_ids":[1]}}`, `{"object_ids":[1],"object_ids":[2]}`, `{"OBJECT_IDS":[3]}`, `{"object_ids":[-0, 1e2]}`,
+		`{"object_ids":[9223372036854775808]}`, ` { "object_ids" : [ 5 , 6 ] } `,
 	} {
 		f.Add([]byte(s))
 	}
@@ -115,6 +119,48 @@ func TestDecodeCallbackNamesTheBadToken(t *testing.T) {
 			}
 			if bad.msg != tt.want || bad.reason != "bad_id" {
 				t.Errorf("error %q (reason %s), want %q (bad_id)", bad.msg, bad.reason, tt.want)
+			}
+		})
+	}
+}
+
+// The fast path takes the shape senders send and leaves every near miss to
+// the full decoder; where it answers, it answers as the full decoder does.
+func TestFastPathTakesOnlyTheCommonShape(t *testing.T) {
+	tests := []struct {
+		body string
+		fast bool
+	}{
+		{`{"object_ids":[3,1,2]}`, true},
+		{" { \"object_ids\" :\n[ -5 , 0,9223372036854775807 ] }\n", true},
+		{`{"object_ids":[]}`, true},
+		{`{"object_ids":[-0]}`, true},
+		{`{"object_ids":[01]}`, false},
+		{`{"object_ids":[1.0]}`, false},
+		{`{"object_ids":[1e3]}`, false},
+		{`{"object_ids":[1,]}`, false},
+		{`{"object_ids":[9223372036854775808]}`, false},
+		{`{"object_ids":[1],"x":1}`, false},
+		{`{"x":1,"object_ids":[1]}`, false},
+		{`{"object_\u0069ds":[1]}`, false},
+		{`{"object_ids":[1,2,3,4,5,6,7,8,9,10,11]}`, false}, // more than the limit
+		{`{"object_ids":[1]} {}`, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.body, func(t *testing.T) {
+			fast, ok := fastIDs([]byte(tt.body), 10)
+			if ok != tt.fast {
+				t.Fatalf("fast path taken: %v, want %v", ok, tt.fast)
+			}
+			if !ok {
+				return
+			}
+			slow, err := slowIDs([]byte(tt.body), 10)
+			if err != nil {
+				t.Fatalf("full decoder rejects what the fast path took: %v", err)
+			}
+			if fast = dedupe(fast); !slices.Equal(fast, slow) {
+				t.Errorf("fast path %v, full decoder %v", fast, slow)
 			}
 		})
 	}

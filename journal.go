@@ -18,6 +18,7 @@ type journalKeeper struct {
 	ttl     time.Duration
 	lease   time.Duration
 	every   time.Duration
+	rounds  int // rounds run, for what is done only every few rounds
 	log     *slog.Logger
 	metrics *metrics
 	guard   *guard
@@ -26,6 +27,9 @@ type journalKeeper struct {
 // maxClaim bounds the journal rows taken over in one round, so that a
 // takeover of a large journal comes in steps the fetch limiter can follow.
 const maxClaim = 1000
+
+// depthEvery is how many rounds apart the journal's rows are counted.
+const depthEvery = 10
 
 func newJournalKeeper(cfg config, s *store, db *database, p *pipeline, log *slog.Logger, m *metrics, g *guard) *journalKeeper {
 	// Rounds at least five times per lease keep a held row's lease alive
@@ -63,8 +67,14 @@ func (k *journalKeeper) round(ctx context.Context) {
 	defer cancel()
 	k.rejournal(ctx)
 	now := time.Now()
-	if err := k.store.renewLeases(ctx, k.pipe.heldJournalIDs(), now.Add(k.lease)); err != nil {
+	// Leases that would end within half a lease (two rounds or more) are
+	// renewed now, so a failed round or two cannot let a held row be taken
+	// over.
+	due := k.pipe.dueLeases(now.Add(k.lease / 2))
+	if err := k.store.renewLeases(ctx, due, now.Add(k.lease)); err != nil {
 		k.guard.warn("renewing journal leases failed", "err", err)
+	} else {
+		k.pipe.leased(due, now.Add(k.lease))
 	}
 	if n, err := k.store.dropExpired(ctx, now.Add(-k.ttl)); err != nil {
 		k.guard.warn("dropping expired journal rows failed", "err", err)
@@ -77,14 +87,19 @@ func (k *journalKeeper) round(ctx context.Context) {
 		if err != nil {
 			k.guard.warn("taking over journal rows failed", "err", err)
 		}
-		if n := k.pipe.resume(rows); n > 0 {
+		if n := k.pipe.resume(rows, now.Add(k.lease)); n > 0 {
 			k.metrics.journalReplayed.Add(uint64(n))
 			k.log.Info("took over journal rows", "callbacks", n, "oldest", rows[0].receivedAt)
 		}
 	}
-	if n, err := k.store.journalDepth(ctx); err == nil {
-		k.metrics.journalDepth.Set(n)
+	// Counting is a scan of the whole table, which under heavy load cost
+	// PostgreSQL more than the journal writes: once every depthEvery rounds.
+	if k.rounds%depthEvery == 0 {
+		if n, err := k.store.journalDepth(ctx); err == nil {
+			k.metrics.journalDepth.Set(n)
+		}
 	}
+	k.rounds++
 }
 
 // rejournal writes the journal rows of the callbacks accepted into memory
