@@ -1,11 +1,21 @@
 package main
 
-// Bench mode measures the service under load on this machine and prints one
-// table: it starts a fresh service process per load, drives it with this
+// Bench mode measures the service under load on this machine and prints two
+// tables: it starts a fresh service process per load, drives it with this
 // program in run mode (another process, so the simulator's sockets and CPU
 // are its own, as in any other run), reads that run's SUMMARY line and the
 // service's /metrics and /proc entries, and finally measures the bare-client
 // ceiling of the simulated object service.
+//
+// The loads: the reference load; duplicate-heavy callbacks (200 ids from a
+// space of 100) stepped through -dup-rates and unique ids stepped through
+// -unique-rates, each kind until a rate does not hold; then an overload row
+// per kind at twice its highest rate that held. The first table has the
+// steps, the second the overload rows. Past capacity the service is meant
+// to shed (answer 503 at once) rather than fail, so an overload row is not
+// judged by whether it held but by overload targets: nothing acknowledged
+// lost, few callbacks left without an answer, and the accepted rate close
+// to what held.
 //
 //	go build -o bin/objtrack . && go build -o bin/sim ./sim
 //	bin/sim -mode bench -service bin/objtrack -dsn "$DATABASE_URL"
@@ -19,12 +29,13 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"strings"
 	"sync"
 	"time"
 )
 
-// benchDuration is the sending time of the duplicate-heavy and unique loads
-// when -duration is not given in bench mode.
+// benchDuration is the sending time of every load but the reference when
+// -duration is not given in bench mode.
 const benchDuration = 30 * time.Second
 
 // The service's metrics that bench mode reads.
@@ -33,27 +44,51 @@ const (
 	metricFetchesInFlight = "objtrack_fetches_in_flight"
 )
 
-// benchLoad is one row of the table: run-mode flags and what must hold.
+// benchLoad is one row of a table: run-mode flags and what must hold.
 type benchLoad struct {
 	name   string
 	args   []string
+	rate   float64 // callbacks per second
 	unique bool
+	// heldRate is set on overload rows only: the highest rate of the same
+	// kind that held, which the overload targets are measured against.
+	heldRate float64
 }
+
+func (l benchLoad) overload() bool { return l.heldRate > 0 }
+
+// Overload targets: past capacity the service may shed, but it must keep
+// accepting at least this share of the rate it held. Duplicate-heavy
+// callbacks carry 200 ids each through the journal and the handler while
+// needing almost no fetches, so their load is CPU the simulator shares;
+// they get more room.
+const (
+	uniqueGoodputShare = 0.90
+	dupGoodputShare    = 0.80
+	maxTimedOutPercent = 1
+	maxUpstreamPerID   = 1.1
+)
 
 // benchSummary is what the table needs of a run's SUMMARY line.
 type benchSummary struct {
-	Sent           int     `json:"sent"`
-	Missed         int     `json:"missed"`
-	Shed           int     `json:"shed"`
-	TimedOut       int     `json:"timed_out"`
-	AckP50         float64 `json:"ack_p50_ms"`
-	AckP99         float64 `json:"ack_p99_ms"`
-	AckMax         float64 `json:"ack_max_ms"`
-	UpstreamPerID  float64 `json:"upstream_per_id"`
-	UpstreamPerSec float64 `json:"upstream_per_sec"`
-	CatchupMS      float64 `json:"catchup_ms"`
-	Pass           bool    `json:"pass"`
-	Duration       float64 `json:"duration_s"`
+	Sent          int     `json:"sent"`
+	Accepted      int     `json:"accepted"`
+	Failed        int     `json:"failed"`
+	Missed        int     `json:"missed"`
+	Shed          int     `json:"shed"`
+	TimedOut      int     `json:"timed_out"`
+	AckP50        float64 `json:"ack_p50_ms"`
+	AckP99        float64 `json:"ack_p99_ms"`
+	AckMax        float64 `json:"ack_max_ms"`
+	UpstreamPerID float64 `json:"upstream_per_id"`
+	// UpstreamPerAcceptedID counts only the ids of callbacks answered 2xx,
+	// the only ones the service fetches: the overload rows' req/id.
+	UpstreamPerAcceptedID float64 `json:"upstream_per_accepted_id"`
+	UpstreamPerSec        float64 `json:"upstream_per_sec"`
+	CatchupMS             float64 `json:"catchup_ms"`
+	Lost                  int     `json:"lost"` // online ids of accepted callbacks that never reached the table
+	Pass                  bool    `json:"pass"`
+	Duration              float64 `json:"duration_s"`
 	// ceiling mode
 	RequestsPerSec float64 `json:"requests_per_sec"`
 	Errors         int     `json:"errors"`
@@ -69,6 +104,53 @@ type benchResult struct {
 	peakFlight int64
 	held       bool
 	note       string
+	targets    []target // overload rows only, instead of held and note
+}
+
+// target is one overload target and whether the row met it.
+type target struct {
+	what string // the measured value, as in "timed out 0.3%"
+	ok   bool
+}
+
+func (t target) String() string {
+	if t.ok {
+		return t.what + " ok"
+	}
+	return t.what + " MISS"
+}
+
+func targetsString(ts []target) string {
+	s := make([]string, len(ts))
+	for i, t := range ts {
+		s[i] = t.String()
+	}
+	return strings.Join(s, ", ")
+}
+
+// goodput is the accepted callbacks per second of sending.
+func goodput(sum benchSummary) float64 {
+	return ratio(float64(sum.Accepted), sum.Duration)
+}
+
+// overloadTargets judges an overload row, run at twice heldRate: nothing
+// acknowledged may be lost, at most 1% of callbacks may go without an
+// answer (a 503 is an answer: the sender can retry elsewhere at once, but
+// a timeout costs it a second), the service must keep accepting close to
+// the rate it held rather than collapse, and coalescing must still keep
+// upstream requests to about one per id.
+func overloadTargets(sum benchSummary, heldRate float64, unique bool) []target {
+	share := dupGoodputShare
+	if unique {
+		share = uniqueGoodputShare
+	}
+	g := goodput(sum)
+	return []target{
+		{fmt.Sprintf("lost %d", sum.Lost), sum.Lost == 0},
+		{fmt.Sprintf("timed out %.1f%%", 100*ratio(float64(sum.TimedOut), float64(sum.Sent))), 100*sum.TimedOut <= maxTimedOutPercent*sum.Sent},
+		{fmt.Sprintf("goodput %.0f/s = %.0f%% of %g/s", g, 100*ratio(g, heldRate), heldRate), heldRate > 0 && g >= share*heldRate},
+		{fmt.Sprintf("req/id %.4f", sum.UpstreamPerAcceptedID), sum.UpstreamPerAcceptedID <= maxUpstreamPerID},
+	}
 }
 
 func runBench(ctx context.Context, c config, stdout, stderr io.Writer) int {
@@ -79,18 +161,69 @@ func runBench(ctx context.Context, c config, stdout, stderr io.Writer) int {
 	return 0
 }
 
-// benchLoads are the loads in the order they run: the reference load, the
-// duplicate-heavy one, then unique ids at each of -unique-rates.
-func benchLoads(c config) []benchLoad {
-	loads := []benchLoad{
-		{name: "reference", args: []string{"-rate", "0.2", "-ids", "200", "-id-space", "100", "-duration", c.refDuration.String()}},
-		{name: "duplicate-heavy", args: []string{"-rate", "200", "-ids", "200", "-ids-min", "200", "-id-space", "100", "-duration", c.duration.String()}},
+func referenceLoad(c config) benchLoad {
+	return benchLoad{name: "reference", rate: 0.2,
+		args: []string{"-rate", "0.2", "-ids", "200", "-id-space", "100", "-duration", c.refDuration.String()}}
+}
+
+// stepLoad is a duplicate-heavy or unique load at rate: 200 ids per
+// callback, from a space of 100 or never repeating.
+func stepLoad(c config, rate float64, unique bool) benchLoad {
+	args := []string{"-rate", fmt.Sprint(rate), "-ids", "200", "-ids-min", "200", "-duration", c.duration.String()}
+	if unique {
+		return benchLoad{name: fmt.Sprintf("unique %g/s", rate), rate: rate, unique: true, args: append(args, "-unique")}
 	}
-	for _, rate := range c.uniqueRates {
-		loads = append(loads, benchLoad{name: fmt.Sprintf("unique %g/s", rate), unique: true,
-			args: []string{"-rate", fmt.Sprint(rate), "-ids", "200", "-ids-min", "200", "-unique", "-duration", c.duration.String()}})
+	return benchLoad{name: fmt.Sprintf("dup-heavy %g/s", rate), rate: rate, args: append(args, "-id-space", "100")}
+}
+
+// overloadLoad is the load of held's kind at twice its rate.
+func overloadLoad(c config, held benchLoad) benchLoad {
+	l := stepLoad(c, 2*held.rate, held.unique)
+	l.name = "dup-heavy overload"
+	if held.unique {
+		l.name = "unique overload"
 	}
-	return loads
+	l.heldRate = held.rate
+	return l
+}
+
+// bencher runs loads one after another and keeps their results.
+type bencher struct {
+	c       config
+	self    string
+	stderr  io.Writer
+	results []benchResult
+}
+
+func (b *bencher) run(ctx context.Context, l benchLoad) (benchResult, error) {
+	if ctx.Err() != nil {
+		return benchResult{}, ctx.Err()
+	}
+	fmt.Fprintf(b.stderr, "sim: bench: %s ...\n", l.name)
+	r, err := measure(ctx, b.c, b.self, l, b.stderr)
+	if err != nil {
+		return r, fmt.Errorf("%s: %w", l.name, err)
+	}
+	b.results = append(b.results, r)
+	fmt.Fprintf(b.stderr, "sim: bench: %s: %s\n", l.name, r.verdict())
+	return r, nil
+}
+
+// steps runs the load of one kind at each rate in turn until one does not
+// hold, and returns the last one that held (nil if none did).
+func (b *bencher) steps(ctx context.Context, rates []float64, unique bool) (*benchResult, error) {
+	var best *benchResult
+	for _, rate := range rates {
+		r, err := b.run(ctx, stepLoad(b.c, rate, unique))
+		if err != nil {
+			return nil, err
+		}
+		if !r.held {
+			break
+		}
+		best = &r
+	}
+	return best, nil
 }
 
 func bench(ctx context.Context, c config, stdout, stderr io.Writer) error {
@@ -98,24 +231,31 @@ func bench(ctx context.Context, c config, stdout, stderr io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("find this program to run it: %w", err)
 	}
-	var results []benchResult
-	var bestUnique *benchResult
-	for _, l := range benchLoads(c) {
-		if ctx.Err() != nil {
-			return ctx.Err()
+	b := &bencher{c: c, self: self, stderr: stderr}
+	if _, err := b.run(ctx, referenceLoad(c)); err != nil {
+		return err
+	}
+	bestDup, err := b.steps(ctx, c.dupRates, false)
+	if err != nil {
+		return err
+	}
+	bestUnique, err := b.steps(ctx, c.uniqueRates, true)
+	if err != nil {
+		return err
+	}
+
+	// The overload rows, after all the steps.
+	var skipped []string
+	for _, o := range []struct {
+		kind string
+		best *benchResult
+	}{{"unique", bestUnique}, {"dup-heavy", bestDup}} {
+		if o.best == nil {
+			skipped = append(skipped, fmt.Sprintf("%s overload: not run, no %s rate held", o.kind, o.kind))
+			continue
 		}
-		fmt.Fprintf(stderr, "sim: bench: %s ...\n", l.name)
-		r, err := measure(ctx, c, self, l, stderr)
-		if err != nil {
-			return fmt.Errorf("%s: %w", l.name, err)
-		}
-		results = append(results, r)
-		fmt.Fprintf(stderr, "sim: bench: %s: %s\n", l.name, r.verdict())
-		if l.unique {
-			if !r.held {
-				break
-			}
-			bestUnique = &results[len(results)-1]
+		if _, err := b.run(ctx, overloadLoad(c, o.best.benchLoad)); err != nil {
+			return err
 		}
 	}
 
@@ -127,11 +267,15 @@ func bench(ctx context.Context, c config, stdout, stderr io.Writer) error {
 			return fmt.Errorf("ceiling: %w", err)
 		}
 	}
-	printBenchTable(stdout, results, bestUnique, ceiling)
+	printBenchTable(stdout, b.results, bestDup, bestUnique, ceiling)
+	printOverloadTable(stdout, b.results, skipped)
 	return nil
 }
 
 func (r benchResult) verdict() string {
+	if r.overload() {
+		return "targets: " + targetsString(r.targets)
+	}
 	if r.held {
 		return "held"
 	}
@@ -167,7 +311,9 @@ func measure(ctx context.Context, c config, self string, l benchLoad, stderr io.
 		fetches float64
 	}
 	var points []point
+	sampled := make(chan struct{})
 	go func() {
+		defer close(sampled)
 		t := time.NewTicker(500 * time.Millisecond)
 		defer t.Stop()
 		for {
@@ -188,7 +334,10 @@ func measure(ctx context.Context, c config, self string, l benchLoad, stderr io.
 		"-json", "-check-expiry=false", "-settle", "20s"}, l.args...)
 	start := time.Now()
 	sum, err := runSelf(ctx, self, args, stderr)
+	// Wait for the sampler (at most one scrape, 2 s) so that it no longer
+	// writes res.peakFlight.
 	stopSampling()
+	<-sampled
 	if err != nil {
 		return res, err
 	}
@@ -218,6 +367,12 @@ func measure(ctx context.Context, c config, self string, l benchLoad, stderr io.
 	}
 	mu.Unlock()
 
+	// An overload row sheds by design: the run-mode verdict (FAIL on any
+	// callback without a 2xx) does not apply to it, its targets do.
+	if l.overload() {
+		res.targets = overloadTargets(sum, l.heldRate, l.unique)
+		return res, nil
+	}
 	switch {
 	case sum.Missed > 0:
 		res.note = fmt.Sprintf("%d callbacks missed (%d shed with 503, %d timed out)", sum.Missed, sum.Shed, sum.TimedOut)
@@ -293,10 +448,15 @@ func resetTables(dsn string) error {
 	return nil
 }
 
-func printBenchTable(w io.Writer, results []benchResult, best *benchResult, ceiling benchSummary) {
+// printBenchTable prints the reference and step rows of results, the
+// highest rates that held and the ceiling.
+func printBenchTable(w io.Writer, results []benchResult, bestDup, bestUnique *benchResult, ceiling benchSummary) {
 	fmt.Fprintf(w, "\n%-18s %6s %6s %6s %6s %24s %9s %9s %9s %9s %9s %6s\n", "load", "sent", "missed", "shed", "t/o",
 		"ack p50/p99/max ms", "catch-up", "req/id", "req/s", "fetch/s", "RSS MiB", "cpu/1k")
 	for _, r := range results {
+		if r.overload() {
+			continue
+		}
 		catchup := "never"
 		if r.sum.CatchupMS >= 0 {
 			catchup = fmt.Sprintf("%.1fs", r.sum.CatchupMS/1000)
@@ -309,17 +469,60 @@ func printBenchTable(w io.Writer, results []benchResult, best *benchResult, ceil
 			fmt.Sprintf("%.1f/%.1f/%.1f", r.sum.AckP50, r.sum.AckP99, r.sum.AckMax), catchup,
 			r.sum.UpstreamPerID, r.sum.UpstreamPerSec, r.fetchRate, r.peakRSSMiB, r.cpuPer1000, mark)
 	}
-	if best == nil {
-		fmt.Fprintln(w, "\nno unique-id rate held")
-		return
+	fmt.Fprintln(w)
+	if bestDup == nil {
+		fmt.Fprintln(w, "no dup-heavy rate held")
+	} else {
+		fmt.Fprintf(w, "highest dup-heavy rate that held: %s\n", bestDup.name)
 	}
-	fmt.Fprintf(w, "\nhighest unique rate that held: %s (%.0f fetches/s steady, peak %d in flight)\n", best.name, best.fetchRate, best.peakFlight)
-	if ceiling.RequestsPerSec > 0 {
-		fmt.Fprintf(w, "bare-client ceiling at %d concurrent: %.0f GET/s (%d errors); the service reached %.0f%% of it\n",
-			best.peakFlight, ceiling.RequestsPerSec, ceiling.Errors, 100*best.fetchRate/ceiling.RequestsPerSec)
+	if bestUnique == nil {
+		fmt.Fprintln(w, "no unique-id rate held")
+	} else {
+		fmt.Fprintf(w, "highest unique rate that held: %s (%.0f fetches/s steady, peak %d in flight)\n", bestUnique.name, bestUnique.fetchRate, bestUnique.peakFlight)
+		if ceiling.RequestsPerSec > 0 {
+			fmt.Fprintf(w, "bare-client ceiling at %d concurrent: %.0f GET/s (%d errors); the service reached %.0f%% of it\n",
+				bestUnique.peakFlight, ceiling.RequestsPerSec, ceiling.Errors, 100*bestUnique.fetchRate/ceiling.RequestsPerSec)
+		}
 	}
-	fmt.Fprintln(w, "columns: missed = callbacks without a 2xx, of them shed = answered 503 at once, t/o = no answer within 1 s;")
+	fmt.Fprintln(w, "rows: reference = a callback every 5 s of up to 200 ids from 0-99; dup-heavy N/s = N callbacks/s of 200 ids")
+	fmt.Fprintln(w, "from 0-99; unique N/s = N callbacks/s of 200 never-repeating ids; each kind steps up its rates until one")
+	fmt.Fprintln(w, "does not hold (a callback missed, the run's verdict FAIL, or for unique ids a catch-up over 6 s).")
+	fmt.Fprintln(w, "columns: missed = callbacks without a 2xx, plus accepted ones with an online id lost from the table;")
+	fmt.Fprintln(w, "of them shed = answered 503 at once, t/o = no answer within 1 s;")
 	fmt.Fprintln(w, "req/id = upstream requests per id sent; req/s = upstream requests per second over the run;")
 	fmt.Fprintln(w, "fetch/s = the service's fetches per second while sending (after 5 s); RSS = peak resident set of the service;")
 	fmt.Fprintln(w, "cpu/1k = service CPU seconds per 1000 fetches; catch-up = last callback to an exact table.")
+}
+
+// printOverloadTable prints the overload rows of results, each followed by
+// its targets, and the rows that could not run.
+func printOverloadTable(w io.Writer, results []benchResult, skipped []string) {
+	fmt.Fprintf(w, "\n%-18s %9s %8s %8s %8s %9s %8s %8s %10s %8s\n", "overload", "offered", "accepted", "shed", "t/o",
+		"goodput", "lost ids", "req/id", "ack p99 ms", "RSS MiB")
+	for _, r := range results {
+		if !r.overload() {
+			continue
+		}
+		fmt.Fprintf(w, "%-18s %9s %8d %8d %8d %9s %8d %8.4f %10.1f %8.0f\n", r.name, fmt.Sprintf("%.0f/s", ratio(float64(r.sum.Sent), r.sum.Duration)),
+			r.sum.Accepted, r.sum.Shed, r.sum.TimedOut, fmt.Sprintf("%.0f/s", goodput(r.sum)), r.sum.Lost,
+			r.sum.UpstreamPerAcceptedID, r.sum.AckP99, r.peakRSSMiB)
+		fmt.Fprintf(w, "  targets: %s\n", targetsString(r.targets))
+		// Failures that are neither a 503 nor a timeout (a refused or
+		// reset connection, another status) are in no column above.
+		if other := r.sum.Failed - r.sum.Shed - r.sum.TimedOut; other > 0 {
+			fmt.Fprintf(w, "  and %d callbacks failed otherwise (no 2xx, not a 503, not a timeout)\n", other)
+		}
+	}
+	for _, s := range skipped {
+		fmt.Fprintln(w, s)
+	}
+	fmt.Fprintln(w, "rows: each kind at twice its highest rate that held, same ids and duration; shedding is expected.")
+	fmt.Fprintln(w, "columns: offered = callbacks/s sent (measured, of the 2x rate asked for); accepted = callbacks answered 2xx; shed = answered 503;")
+	fmt.Fprintln(w, "t/o = no answer within 1 s; goodput = accepted callbacks per second of sending;")
+	fmt.Fprintln(w, "lost ids = online ids of accepted callbacks that never reached the table with their time;")
+	fmt.Fprintln(w, "req/id = upstream requests per id of the accepted callbacks (the only ones fetched); ack p99 = of all answers,")
+	fmt.Fprintln(w, "503s included, timeouts counted at 1 s; RSS = peak resident set of the service.")
+	fmt.Fprintf(w, "targets: lost ids 0; timed out <= %d%% of sent; goodput >= %.0f%% (unique) / %.0f%% (dup-heavy) of the\n",
+		maxTimedOutPercent, 100*uniqueGoodputShare, 100*dupGoodputShare)
+	fmt.Fprintf(w, "highest rate that held; req/id <= %g. MISS marks a target not met.\n", maxUpstreamPerID)
 }

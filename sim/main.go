@@ -75,6 +75,7 @@ type config struct {
 	service     string
 	refDuration time.Duration
 	uniqueRates []float64
+	dupRates    []float64
 }
 
 // modes are the values of -mode.
@@ -93,10 +94,12 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 		"upstream: only serve the object service;\n"+
 		"ceiling: measure a bare client's GETs per second against the object service;\n"+
 		"bench: the load benchmark: start -service afresh for each load (reference,\n"+
-		"duplicate-heavy, then unique ids at each of -unique-rates until one does not\n"+
-		"hold), drive it with this program in run mode, then measure the ceiling at the\n"+
-		"service's peak fetch concurrency, and print one table; it needs -dsn and reads\n"+
-		"only -service, -dsn, -duration, -ref-duration and -unique-rates;\n"+
+		"duplicate-heavy ids at each of -dup-rates, then unique ids at each of\n"+
+		"-unique-rates, each until one does not hold, then each kind at twice its\n"+
+		"highest rate that held), drive it with this program in run mode, then measure\n"+
+		"the ceiling at the service's peak fetch concurrency, and print two tables; it\n"+
+		"needs -dsn and reads only -service, -dsn, -duration, -ref-duration, -dup-rates\n"+
+		"and -unique-rates;\n"+
 		"flood: hold -flood-conns idle keep-alive connections to the service")
 	fs.StringVar(&c.target, "target", "http://localhost:9090/callback", "the service's callback URL, or several separated by commas: callbacks go to them in turn\n(round robin, as a load balancer in front of several instances would send them)")
 	fs.StringVar(&c.listen, "listen", "localhost:9010", "address of the simulated object service (empty: do not serve it)")
@@ -111,7 +114,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.DurationVar(&c.latencyMax, "latency-max", 4*time.Second, "longest object-service answer time")
 	fs.DurationVar(&c.duration, "duration", 2*time.Minute, "how long to send (0: until -count or Ctrl-C);\n"+
 		"ceiling mode: how long to measure (0 or over 2m: 20s);\n"+
-		"bench mode: sending time of the duplicate-heavy and unique loads, "+benchDuration.String()+" unless given")
+		"bench mode: sending time of every load but the reference, "+benchDuration.String()+" unless given")
 	fs.IntVar(&c.count, "count", 0, "stop after this many callbacks (0: no limit)")
 	fs.DurationVar(&c.timeout, "timeout", time.Second, "client timeout of one callback; no 2xx within it is a missed callback")
 	fs.DurationVar(&c.ttl, "ttl", 30*time.Second, "the service's -ttl")
@@ -133,7 +136,8 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.StringVar(&c.ceilingTarget, "ceiling-target", "", "ceiling mode: base URL of the object service (empty: serve one in this process on a free port)")
 	fs.StringVar(&c.service, "service", "bin/objtrack", "bench mode: the service binary, started afresh for each load")
 	fs.DurationVar(&c.refDuration, "ref-duration", 60*time.Second, "bench mode: sending time of the reference load")
-	rates := fs.String("unique-rates", "10,20,25,30,35,40,50", "bench mode: callback rates to step through for the unique load, until one does not hold\n(one rate and short durations make a quick check: -unique-rates 10 -duration 6s -ref-duration 5s)")
+	uniqueRates := fs.String("unique-rates", "10,20,25,30,35,40,50", "bench mode: callback rates to step through for the unique load, until one does not hold\n(one rate and short durations make a quick check: -unique-rates 10 -dup-rates 200 -duration 6s -ref-duration 5s)")
+	dupRates := fs.String("dup-rates", "200,2000,4000", "bench mode: callback rates to step through for the duplicate-heavy load, until one does not hold")
 	if err := fs.Parse(args); err != nil {
 		return c, err
 	}
@@ -142,12 +146,12 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	if c.mode == "bench" && !given["duration"] {
 		c.duration = benchDuration
 	}
-	for _, r := range strings.Split(*rates, ",") {
-		rate, err := strconv.ParseFloat(strings.TrimSpace(r), 64)
-		if err != nil || rate <= 0 {
-			return c, fmt.Errorf("-unique-rates: %q is not a positive number", r)
-		}
-		c.uniqueRates = append(c.uniqueRates, rate)
+	var err error
+	if c.uniqueRates, err = parseRates("unique-rates", *uniqueRates); err != nil {
+		return c, err
+	}
+	if c.dupRates, err = parseRates("dup-rates", *dupRates); err != nil {
+		return c, err
 	}
 	switch {
 	case fs.NArg() > 0:
@@ -179,6 +183,19 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 		return c, fmt.Errorf("-online %q: want even, odd, all or none", c.online)
 	}
 	return c, nil
+}
+
+// parseRates parses the comma-separated callback rates of flag name.
+func parseRates(name, list string) ([]float64, error) {
+	var rates []float64
+	for _, r := range strings.Split(list, ",") {
+		rate, err := strconv.ParseFloat(strings.TrimSpace(r), 64)
+		if err != nil || rate <= 0 {
+			return nil, fmt.Errorf("-%s: %q is not a positive number", name, r)
+		}
+		rates = append(rates, rate)
+	}
+	return rates, nil
 }
 
 func onlineFunc(name string) func(int64) bool {
@@ -408,10 +425,14 @@ func report(c config, s *sender, objects *objectService, p *poller, check *check
 		"shed": s.shedN.Load(), "timed_out": s.timedOutN.Load(),
 		"ack_p50_ms": ms(p50), "ack_p99_ms": ms(p99), "ack_max_ms": ms(maxAck),
 		"ids_sent": s.idsN.Load(), "upstream_requests": reqs,
-		"upstream_per_id":  ratio(float64(reqs), float64(s.idsN.Load())),
-		"upstream_per_sec": ratio(float64(reqs), span.Seconds()),
-		"upstream_faults":  objects.faulted.Load(),
-		"catchup_ms":       catchup, "table_errors": v.tableErrors, "lost": v.lostIDs,
+		"upstream_per_id": ratio(float64(reqs), float64(s.idsN.Load())),
+		// The service fetches only for the callbacks it accepts: past
+		// capacity this is the figure that shows whether retries multiply.
+		"ids_accepted":             s.idsAcceptedN.Load(),
+		"upstream_per_accepted_id": ratio(float64(reqs), float64(s.idsAcceptedN.Load())),
+		"upstream_per_sec":         ratio(float64(reqs), span.Seconds()),
+		"upstream_faults":          objects.faulted.Load(),
+		"catchup_ms":               catchup, "table_errors": v.tableErrors, "lost": v.lostIDs,
 		"not_reaped": notReaped, "poll_failures": pollFailures, "pass": pass,
 		"duration_s": span.Seconds(),
 	}

@@ -33,6 +33,7 @@ type sender struct {
 	client           *http.Client
 	sentN, acceptedN atomic.Int64
 	failedN, idsN    atomic.Int64
+	idsAcceptedN     atomic.Int64 // ids of the callbacks answered 2xx
 	// Of the failed: answered 503 (shed: the service said at once that it
 	// cannot take the callback now), and no answer within the timeout.
 	shedN, timedOutN atomic.Int64
@@ -102,16 +103,17 @@ func (s *sender) run(ctx context.Context) (first, last time.Time) {
 		s.sentN.Add(1)
 		s.idsN.Add(int64(len(ids)))
 		wg.Add(1)
+		n := len(ids)
 		go func() {
 			defer wg.Done()
-			s.send(idx, sendAt, body)
+			s.send(idx, sendAt, body, n)
 		}()
 	}
 	wg.Wait()
 	return first, last
 }
 
-func (s *sender) send(idx int, sendAt time.Time, body []byte) {
+func (s *sender) send(idx int, sendAt time.Time, body []byte, ids int) {
 	resp, err := s.client.Post(s.targets[idx%len(s.targets)], "application/json", bytes.NewReader(body))
 	ok := false
 	reason := ""
@@ -136,6 +138,7 @@ func (s *sender) send(idx int, sendAt time.Time, body []byte) {
 	s.mu.Unlock()
 	if ok {
 		s.acceptedN.Add(1)
+		s.idsAcceptedN.Add(int64(ids))
 		return
 	}
 	s.failedN.Add(1)

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -155,6 +156,8 @@ func TestFlags(t *testing.T) {
 		{[]string{"-mode", "bench", "-dsn", "x", "-unique-rates", "10,fast"}, "-unique-rates"},
 		{[]string{"-mode", "bench", "-dsn", "x", "-ref-duration", "0s"}, "-ref-duration"},
 		{[]string{"-mode", "bench", "-dsn", "x", "-unique-rates", "10, 20", "-duration", "5s"}, ""},
+		{[]string{"-mode", "bench", "-dsn", "x", "-dup-rates", "200,-5"}, "-dup-rates"},
+		{[]string{"-mode", "bench", "-dsn", "x", "-dup-rates", ""}, "-dup-rates"},
 	}
 	for _, tc := range cases {
 		_, err := parseFlags(tc.args, &bytes.Buffer{})
@@ -182,6 +185,81 @@ func TestBenchDurationDefault(t *testing.T) {
 		c, err := parseFlags(tc.args, &bytes.Buffer{})
 		if err != nil || c.duration != tc.want {
 			t.Errorf("%q: duration %s (%v), want %s", tc.args, c.duration, err, tc.want)
+		}
+	}
+}
+
+func TestBenchRates(t *testing.T) {
+	cases := []struct {
+		args         []string
+		unique, dups []float64
+	}{
+		{[]string{"-mode", "bench", "-dsn", "x"}, []float64{10, 20, 25, 30, 35, 40, 50}, []float64{200, 2000, 4000}},
+		{[]string{"-mode", "bench", "-dsn", "x", "-unique-rates", "10", "-dup-rates", " 200 , 2500"}, []float64{10}, []float64{200, 2500}},
+	}
+	for _, tc := range cases {
+		c, err := parseFlags(tc.args, &bytes.Buffer{})
+		if err != nil || !slices.Equal(c.uniqueRates, tc.unique) || !slices.Equal(c.dupRates, tc.dups) {
+			t.Errorf("%q: unique %v dup %v (%v), want %v and %v", tc.args, c.uniqueRates, c.dupRates, err, tc.unique, tc.dups)
+		}
+	}
+}
+
+// An overload row runs the load of the kind that held at twice its rate,
+// and is judged against the rate that held.
+func TestOverloadLoad(t *testing.T) {
+	c := config{duration: 30 * sec}
+	for _, unique := range []bool{false, true} {
+		l := overloadLoad(c, stepLoad(c, 4000, unique))
+		args := strings.Join(l.args, " ")
+		if !l.overload() || l.heldRate != 4000 || l.rate != 8000 || l.unique != unique ||
+			!strings.Contains(args, "-rate 8000 ") || strings.Contains(args, "-unique") != unique {
+			t.Errorf("overload of the %v load at 4000/s: %+v", unique, l)
+		}
+	}
+	if l := stepLoad(c, 200, false); l.overload() || l.name != "dup-heavy 200/s" ||
+		strings.Join(l.args, " ") != "-rate 200 -ids 200 -ids-min 200 -duration 30s -id-space 100" {
+		t.Errorf("dup-heavy step at 200/s: %+v", l)
+	}
+}
+
+func TestOverloadTargets(t *testing.T) {
+	// A 30 s overload run at twice 4000/s.
+	base := benchSummary{Sent: 240000, Accepted: 120000, Shed: 119000, TimedOut: 1000, Duration: 30, UpstreamPerAcceptedID: 0.0001}
+	with := func(f func(*benchSummary)) benchSummary {
+		s := base
+		f(&s)
+		return s
+	}
+	cases := []struct {
+		name   string
+		sum    benchSummary
+		held   float64
+		unique bool
+		want   string // targetsString
+	}{
+		{"all met", base, 4000, false,
+			"lost 0 ok, timed out 0.4% ok, goodput 4000/s = 100% of 4000/s ok, req/id 0.0001 ok"},
+		{"a lost id", with(func(s *benchSummary) { s.Lost = 3 }), 4000, false,
+			"lost 3 MISS, timed out 0.4% ok, goodput 4000/s = 100% of 4000/s ok, req/id 0.0001 ok"},
+		{"1% timed out is met", with(func(s *benchSummary) { s.TimedOut = 2400 }), 4000, false,
+			"lost 0 ok, timed out 1.0% ok, goodput 4000/s = 100% of 4000/s ok, req/id 0.0001 ok"},
+		{"over 1% timed out", with(func(s *benchSummary) { s.TimedOut = 2401 }), 4000, false,
+			"lost 0 ok, timed out 1.0% MISS, goodput 4000/s = 100% of 4000/s ok, req/id 0.0001 ok"},
+		{"85% goodput is enough for dup-heavy", with(func(s *benchSummary) { s.Accepted = 102000 }), 4000, false,
+			"lost 0 ok, timed out 0.4% ok, goodput 3400/s = 85% of 4000/s ok, req/id 0.0001 ok"},
+		{"but not for unique ids", with(func(s *benchSummary) { s.Accepted = 102000 }), 4000, true,
+			"lost 0 ok, timed out 0.4% ok, goodput 3400/s = 85% of 4000/s MISS, req/id 0.0001 ok"},
+		{"75% goodput", with(func(s *benchSummary) { s.Accepted = 90000 }), 4000, false,
+			"lost 0 ok, timed out 0.4% ok, goodput 3000/s = 75% of 4000/s MISS, req/id 0.0001 ok"},
+		{"too many upstream requests", with(func(s *benchSummary) { s.UpstreamPerAcceptedID = 1.2 }), 4000, true,
+			"lost 0 ok, timed out 0.4% ok, goodput 4000/s = 100% of 4000/s ok, req/id 1.2000 MISS"},
+		{"nothing sent", benchSummary{}, 25, true,
+			"lost 0 ok, timed out 0.0% ok, goodput 0/s = 0% of 25/s MISS, req/id 0.0000 ok"},
+	}
+	for _, tc := range cases {
+		if got := targetsString(overloadTargets(tc.sum, tc.held, tc.unique)); got != tc.want {
+			t.Errorf("%s:\n got %s\nwant %s", tc.name, got, tc.want)
 		}
 	}
 }
