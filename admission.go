@@ -1,8 +1,10 @@
 package main
 
 import (
+	"context"
 	"math"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -105,4 +107,106 @@ func (b *retryBudget) take() bool {
 	}
 	b.tokens--
 	return true
+}
+
+// answerLimiter bounds the callbacks being handled at once (read, decoded,
+// journaled, not yet answered) with a limit that adapts to how long answers
+// take, as the fetch limiter does for fetches (AIMD, the model is Netflix's
+// concurrency-limits). Past capacity on a busy machine the answer time is
+// what breaks first: every accepted callback brings lookups, applies and
+// goroutines that compete with the journal writer and the handlers for the
+// CPU, so acceptance must slow down before answers pass the sender's
+// timeout. When the slowest answer of a tick took longer than target, the
+// limit drops to three quarters of the peak in use (at most once per
+// cooldown); while answers take under half the target and the limit is
+// nearly used up, it grows by a sixteenth per tick. A callback over the
+// limit is shed before its body is read: a 503 costs microseconds.
+type answerLimiter struct {
+	inUse   atomic.Int64
+	limit   atomic.Int64
+	peak    atomic.Int64 // most in use since the last tick
+	slowest atomic.Int64 // ns: the slowest answer since the last tick
+	target  time.Duration
+	metrics *metrics
+	lastCut time.Time
+}
+
+// answerTargetShare sets the answer time the limiter keeps under: half of
+// -journal-timeout, which leaves most of the sender's 1 s for the network
+// and for a machine busier than this one.
+const answerTargetShare = 2
+
+// Bounds of the answer limit. At 4000 callbacks/s with 50 ms answers about
+// 200 are handled at once; minHandling keeps a trickle of answers coming
+// however slow the machine, maxHandling bounds what a flood can hold.
+const (
+	initialHandling = 1024
+	minHandling     = 64
+	maxHandling     = 4096
+)
+
+func newAnswerLimiter(target time.Duration, m *metrics) *answerLimiter {
+	l := &answerLimiter{target: target, metrics: m}
+	l.limit.Store(initialHandling)
+	m.handlingLimit.Set(initialHandling)
+	return l
+}
+
+// enter takes a place for one callback, or says there is none.
+func (l *answerLimiter) enter() bool {
+	n := l.inUse.Add(1)
+	if n > l.limit.Load() {
+		l.inUse.Add(-1)
+		return false
+	}
+	atomicMax(&l.peak, n)
+	return true
+}
+
+// leave gives the place back; took is the time to an answer, or 0 for a
+// callback that was not accepted (a bad request, a shed one).
+func (l *answerLimiter) leave(took time.Duration) {
+	l.inUse.Add(-1)
+	atomicMax(&l.slowest, int64(took))
+}
+
+func atomicMax(v *atomic.Int64, n int64) {
+	for {
+		cur := v.Load()
+		if n <= cur || v.CompareAndSwap(cur, n) {
+			return
+		}
+	}
+}
+
+func (l *answerLimiter) run(ctx context.Context) {
+	t := time.NewTicker(limitTick)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		l.adjust(time.Now(), time.Duration(l.slowest.Swap(0)), l.peak.Swap(l.inUse.Load()))
+	}
+}
+
+// adjust applies one tick's worth of signal to the limit.
+func (l *answerLimiter) adjust(now time.Time, slowest time.Duration, peak int64) {
+	limit := l.limit.Load()
+	next := limit
+	switch {
+	case slowest > l.target:
+		if now.Sub(l.lastCut) >= limitCooldown {
+			next = max(minHandling, min(limit, peak)*3/4)
+			l.lastCut = now
+		}
+	case slowest <= l.target/2 && peak >= limit*7/8:
+		next = min(maxHandling, limit+max(1, limit/16))
+	}
+	if next != limit {
+		l.limit.Store(next)
+		l.metrics.handlingLimit.Set(next)
+	}
 }

@@ -23,6 +23,7 @@ type app struct {
 	writer  *writer
 	fetcher *fetcher
 	limiter *fetchLimiter
+	answers *answerLimiter
 	pipe    *pipeline
 	keeper  *journalKeeper
 	reaper  *reaper
@@ -47,6 +48,7 @@ func newApp(cfg config, log *slog.Logger, transport http.RoundTripper) (*app, er
 	a.writer = newWriter(cfg, a.store, db, m, g)
 	a.fetcher = newFetcher(cfg, transport, log, m, g)
 	a.limiter = newFetchLimiter(a.fetcher.slots, &a.fetcher.meter, &a.fetcher.waiting, cfg.journalTimeout/journalTargetShare, a.writer.lag.take, m)
+	a.answers = newAnswerLimiter(cfg.journalTimeout/answerTargetShare, m)
 	a.pipe = newPipeline(cfg, a.fetcher, a.writer, newAdmission(cfg, a.fetcher, a.limiter, m), db, log, m, g)
 	a.keeper = newJournalKeeper(cfg, a.store, db, a.pipe, log, m, g)
 	a.reaper = newReaper(cfg, a.store, db, log, m, g)
@@ -56,7 +58,7 @@ func newApp(cfg config, log *slog.Logger, transport http.RoundTripper) (*app, er
 
 // handler is the HTTP surface (routes in handler.go).
 func (a *app) handler() http.Handler {
-	return routes(a.cfg, a.pipe, a.db, a.metrics, a.log, a.guard)
+	return routes(a.cfg, a.pipe, a.answers, a.db, a.metrics, a.log, a.guard)
 }
 
 // start runs the background loops: the database check first (the writers
@@ -71,6 +73,7 @@ func (a *app) start() {
 		a.loop("apply-writer", a.writer.runApplyWriter)
 	}
 	a.loop("fetch-limit", a.limiter.run)
+	a.loop("answer-limit", a.answers.run)
 	a.loop("reaper", a.reaper.run)
 	a.loop("journal", a.keeper.run)
 }

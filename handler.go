@@ -15,9 +15,9 @@ import (
 // included, is JSON (but /metrics): so the GET routes check their method
 // themselves rather than leaving a plain-text 405 to the mux, and "/" turns
 // any other path into a JSON 404.
-func routes(cfg config, pipe *pipeline, db *database, m *metrics, log *slog.Logger, g *guard) http.Handler {
+func routes(cfg config, pipe *pipeline, handling *answerLimiter, db *database, m *metrics, log *slog.Logger, g *guard) http.Handler {
 	mux := http.NewServeMux()
-	mux.Handle("/callback", handleCallback(cfg, pipe, m, log))
+	mux.Handle("/callback", handleCallback(cfg, pipe, handling, m, log))
 	mux.Handle("/healthz", onlyGET(handleHealthz()))
 	mux.Handle("/readyz", onlyGET(handleReadyz(db, pipe.fetcher.upstream)))
 	mux.Handle("/metrics", onlyGET(handleMetrics(m)))
@@ -34,11 +34,7 @@ type acceptedBody struct {
 // handleCallback decodes and validates a callback, has the pipeline accept
 // it (which journals it) and answers 202; the lookups happen afterwards, so
 // the sender never waits for the object service.
-func handleCallback(cfg config, pipe *pipeline, m *metrics, log *slog.Logger) http.Handler {
-	// handling bounds the callbacks being handled at once; past it a
-	// callback is shed before its body is read, so a flood of senders
-	// costs a 503 each instead of queueing for the CPU.
-	handling := make(chan struct{}, maxHandling)
+func handleCallback(cfg config, pipe *pipeline, handling *answerLimiter, m *metrics, log *slog.Logger) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		// last_seen is the time the callback arrived, on the service's clock.
 		receivedAt := time.Now().Round(0).Truncate(time.Microsecond)
@@ -48,13 +44,15 @@ func handleCallback(cfg config, pipe *pipeline, m *metrics, log *slog.Logger) ht
 			writeError(w, http.StatusMethodNotAllowed, fmt.Sprintf("method %s not allowed, use POST", r.Method))
 			return
 		}
-		select {
-		case handling <- struct{}{}:
-			defer func() { <-handling }()
-		default:
+		// Past the answer limit a callback is shed before its body is
+		// read, so a flood of senders costs a 503 each instead of queueing
+		// for the CPU.
+		if !handling.enter() {
 			shed(w, m, &overloaded{reason: "busy", retryAfter: time.Second})
 			return
 		}
+		var answered time.Duration
+		defer func() { handling.leave(answered) }()
 		ids, err := decodeCallback(http.MaxBytesReader(w, r.Body, cfg.maxBody), cfg.maxIDs)
 		if err != nil {
 			var bad *badRequest
@@ -74,15 +72,10 @@ func handleCallback(cfg config, pipe *pipeline, m *metrics, log *slog.Logger) ht
 		m.idsReceived.Add(uint64(len(ids)))
 		log.Debug("callback accepted", "journal_id", acc.journalID, "ids", len(ids), "journaled", acc.journaled)
 		writeJSON(w, http.StatusAccepted, acceptedBody{Status: "accepted", IDs: len(ids), Journaled: acc.journaled})
-		m.answer.Observe(time.Since(receivedAt).Seconds())
+		answered = time.Since(receivedAt)
+		m.answer.Observe(answered.Seconds())
 	})
 }
-
-// maxHandling is the most callbacks handled at once. Each waits at most
-// -journal-timeout for its journal row, so well below capacity this is
-// never reached (4000 callbacks/s with 100 ms commit spikes hold about 400);
-// past it, a flood of senders costs a 503 each instead of memory and CPU.
-const maxHandling = 4096
 
 // shed answers a callback the service cannot honour now: 503 with
 // Retry-After, at once.

@@ -3,6 +3,7 @@ package main
 import (
 	"encoding/json"
 	"errors"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -174,5 +175,36 @@ func TestGETRoutesAnswerGETAndHEAD(t *testing.T) {
 				t.Errorf("%s %s: status %d, want 200", method, path, rec.Code)
 			}
 		}
+	}
+}
+
+// readCounter is a request body that records whether it was read.
+type readCounter struct {
+	r    io.Reader
+	read bool
+}
+
+func (c *readCounter) Read(p []byte) (int, error) { c.read = true; return c.r.Read(p) }
+
+// Past the answer limit a callback is answered 503 busy without its body
+// being read: shedding must cost less than accepting.
+func TestCallbackPastAnswerLimitIsShedUnread(t *testing.T) {
+	up := newUpstream(t, 0, nil)
+	p := testApp(t, testConfig(t, "-upstream", up.URL), nil)
+	p.answers.limit.Store(1)
+	if !p.answers.enter() {
+		t.Fatal("could not take the one place")
+	}
+	body := &readCounter{r: strings.NewReader(idsBody(1))}
+	rec := httptest.NewRecorder()
+	p.handler().ServeHTTP(rec, httptest.NewRequest("POST", "/callback", body))
+	if rec.Code != http.StatusServiceUnavailable || rec.Header().Get("Retry-After") == "" {
+		t.Fatalf("status %d, Retry-After %q; want 503 with Retry-After", rec.Code, rec.Header().Get("Retry-After"))
+	}
+	if body.read {
+		t.Error("the body of a shed callback was read")
+	}
+	if got := p.metrics.callbacksShed.Value("busy"); got != 1 {
+		t.Errorf("shed busy %d, want 1", got)
 	}
 }

@@ -34,6 +34,7 @@ type metrics struct {
 
 	fetchesInFlight     gauge
 	fetchLimit          gauge
+	handlingLimit       gauge
 	queueWait           gauge
 	upstreamUp          gauge
 	callbacksShed       *labeled
@@ -108,6 +109,7 @@ func newMetrics() *metrics {
 		{"objtrack_panics_recovered_total", "Panics recovered in any goroutine.", "counter", &m.panics},
 		{"objtrack_fetches_in_flight", "Requests to the object service in flight.", "gauge", &m.fetchesInFlight},
 		{"objtrack_fetch_limit", "Requests to the object service allowed in flight now (adapts to the journal's commit latency and the backlog).", "gauge", &m.fetchLimit},
+		{"objtrack_callbacks_handling_limit", "Callbacks allowed to be handled at once now (adapts to the answer time); past it a callback is shed as busy.", "gauge", &m.handlingLimit},
 		{"objtrack_fetch_queue_wait_milliseconds", "Estimated wait for a fetch slot of a new callback's ids, at the fetch rate measured now (admission sheds past -max-queue-wait).", "gauge", &m.queueWait},
 		{"objtrack_upstream_up", "1 while the object service answers; 0 after several failed attempts in a row.", "gauge", &m.upstreamUp},
 		{"objtrack_callbacks_shed_total", "Callbacks answered 503 with Retry-After because they could not be honoured now, by reason.", "counter", m.callbacksShed},
