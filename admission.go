@@ -116,16 +116,19 @@ func (b *retryBudget) take() bool {
 // what breaks first: every accepted callback brings lookups, applies and
 // goroutines that compete with the journal writer and the handlers for the
 // CPU, so acceptance must slow down before answers pass the sender's
-// timeout. When the slowest answer of a tick took longer than target, the
-// limit drops to three quarters of the peak in use (at most once per
-// cooldown); while answers take under half the target and the limit is
-// nearly used up, it grows by a sixteenth per tick. A callback over the
-// limit is shed before its body is read: a 503 costs microseconds.
+// timeout. When more than one answer in slowShare of a tick took longer
+// than target, the limit drops to three quarters of the peak in use (at most
+// once per cooldown); a tick with no answer over the target and the limit
+// nearly used up grows it by a sixteenth. A share rather than the slowest
+// answer: one answer held up by a collector pause must not shed the next
+// hundred. A callback over the limit is shed before its body is read: a 503
+// costs microseconds.
 type answerLimiter struct {
 	inUse   atomic.Int64
 	limit   atomic.Int64
 	peak    atomic.Int64 // most in use since the last tick
-	slowest atomic.Int64 // ns: the slowest answer since the last tick
+	answers atomic.Int64 // answers since the last tick
+	slow    atomic.Int64 // of them, those that took longer than target
 	target  time.Duration
 	metrics *metrics
 	lastCut time.Time
@@ -167,7 +170,13 @@ func (l *answerLimiter) enter() bool {
 // callback that was not accepted (a bad request, a shed one).
 func (l *answerLimiter) leave(took time.Duration) {
 	l.inUse.Add(-1)
-	atomicMax(&l.slowest, int64(took))
+	if took == 0 {
+		return
+	}
+	l.answers.Add(1)
+	if took > l.target {
+		l.slow.Add(1)
+	}
 }
 
 func atomicMax(v *atomic.Int64, n int64) {
@@ -188,21 +197,26 @@ func (l *answerLimiter) run(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		l.adjust(time.Now(), time.Duration(l.slowest.Swap(0)), l.peak.Swap(l.inUse.Load()))
+		l.adjust(time.Now(), l.answers.Swap(0), l.slow.Swap(0), l.peak.Swap(l.inUse.Load()))
 	}
 }
 
-// adjust applies one tick's worth of signal to the limit.
-func (l *answerLimiter) adjust(now time.Time, slowest time.Duration, peak int64) {
+// slowShare is the share of a tick's answers that may take longer than the
+// target before the limit is cut: 1 in 20.
+const slowShare = 20
+
+// adjust applies one tick's worth of signal to the limit: answers and slow
+// ones since the last tick, and the most callbacks in use.
+func (l *answerLimiter) adjust(now time.Time, answers, slow, peak int64) {
 	limit := l.limit.Load()
 	next := limit
 	switch {
-	case slowest > l.target:
+	case slow*slowShare > answers:
 		if now.Sub(l.lastCut) >= limitCooldown {
 			next = max(minHandling, min(limit, peak)*3/4)
 			l.lastCut = now
 		}
-	case slowest <= l.target/2 && peak >= limit*7/8:
+	case slow == 0 && peak >= limit*7/8:
 		next = min(maxHandling, limit+max(1, limit/16))
 	}
 	if next != limit {

@@ -86,24 +86,23 @@ func TestRetryBudgetTrickles(t *testing.T) {
 func TestAnswerLimiterAdjusts(t *testing.T) {
 	const target = 250 * time.Millisecond
 	tests := []struct {
-		name        string
-		limit, peak int64
-		slowest     time.Duration
-		want        int64
+		name                       string
+		limit, answers, slow, peak int64
+		want                       int64
 	}{
-		{"slow answers cut to 3/4 of the peak in use", 800, 800, time.Second, 600},
-		{"slow answers with the limit mostly unused", 800, 400, time.Second, 300},
-		{"never below the floor", 80, 80, time.Second, minHandling},
-		{"fast answers and the limit used: grow by a sixteenth", 800, 790, 10 * time.Millisecond, 850},
-		{"answers near the target: hold", 800, 790, 200 * time.Millisecond, 800},
-		{"fast answers and the limit unused: stay", 800, 100, 10 * time.Millisecond, 800},
-		{"never above the cap", maxHandling, maxHandling, 0, maxHandling},
+		{"many slow answers cut to 3/4 of the peak in use", 800, 100, 10, 800, 600},
+		{"many slow answers with the limit mostly unused", 800, 100, 10, 400, 300},
+		{"never below the floor", 80, 100, 100, 80, minHandling},
+		{"one slow answer in twenty: hold", 800, 100, 5, 790, 800},
+		{"no slow answer and the limit used: grow by a sixteenth", 800, 100, 0, 790, 850},
+		{"no slow answer and the limit unused: stay", 800, 100, 0, 100, 800},
+		{"never above the cap", maxHandling, 100, 0, maxHandling, maxHandling},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			l := newAnswerLimiter(target, newMetrics())
 			l.limit.Store(tt.limit)
-			l.adjust(time.Now(), tt.slowest, tt.peak)
+			l.adjust(time.Now(), tt.answers, tt.slow, tt.peak)
 			if got := l.limit.Load(); got != tt.want {
 				t.Errorf("limit %d, want %d", got, tt.want)
 			}
@@ -118,12 +117,12 @@ func TestAnswerLimiterCutsOncePerCooldown(t *testing.T) {
 	l := newAnswerLimiter(250*time.Millisecond, newMetrics())
 	l.limit.Store(1000)
 	now := time.Now()
-	l.adjust(now, time.Second, 1000)
-	l.adjust(now.Add(limitTick), time.Second, 1000)
+	l.adjust(now, 100, 100, 1000)
+	l.adjust(now.Add(limitTick), 100, 100, 1000)
 	if got := l.limit.Load(); got != 750 {
 		t.Fatalf("limit %d after two slow ticks within the cooldown, want one cut to 750", got)
 	}
-	l.adjust(now.Add(limitCooldown), time.Second, 750)
+	l.adjust(now.Add(limitCooldown), 100, 100, 750)
 	if got := l.limit.Load(); got != 750*3/4 {
 		t.Fatalf("limit %d after the cooldown, want a second cut to %d", got, 750*3/4)
 	}
@@ -142,7 +141,9 @@ func TestAnswerLimiterEnterAndLeave(t *testing.T) {
 	if !l.enter() {
 		t.Fatal("a place given back must be taken again")
 	}
-	if peak, slowest := l.peak.Load(), time.Duration(l.slowest.Load()); peak != 2 || slowest != 300*time.Millisecond {
-		t.Errorf("peak %d, slowest %s; want 2 and 300ms", peak, slowest)
+	l.leave(10 * time.Millisecond)
+	l.leave(0) // not accepted: not an answer time
+	if peak, answers, slow := l.peak.Load(), l.answers.Load(), l.slow.Load(); peak != 2 || answers != 2 || slow != 1 {
+		t.Errorf("peak %d, answers %d, slow %d; want 2, 2 and 1", peak, answers, slow)
 	}
 }

@@ -102,7 +102,7 @@ func newFetcher(cfg config, transport http.RoundTripper, log *slog.Logger, m *me
 func (f *fetcher) lookupAll(ctx context.Context, cb *callback, wg *sync.WaitGroup) {
 	wg.Add(len(cb.objectIDs))
 	deadline := cb.receivedAt.Add(f.ttl)
-	starts := make([]*flight, 0, len(cb.objectIDs))
+	var starts []*flight // most ids of a busy service join a flight: grown as needed
 	joined := 0
 	f.mu.Lock()
 	for i, id := range cb.objectIDs {

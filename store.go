@@ -57,18 +57,16 @@ type objectRow struct {
 func (s *store) insertJournal(ctx context.Context, pool *sql.DB, rows []journalRow, leaseUntil time.Time) error {
 	ids := make([]int64, len(rows))
 	times := make([]string, len(rows))
-	objects := make([]string, len(rows))
 	for i, r := range rows {
 		ids[i] = r.journalID
 		times[i] = pgTime(r.receivedAt)
-		objects[i] = pgInt64Array(r.objectIDs)
 	}
 	_, err := pool.ExecContext(ctx, `
 		INSERT INTO callback_journal (id, received_at, object_ids, owner, lease_until)
 		SELECT j.id, j.received_at, j.object_ids::bigint[], $4, $5
 		FROM unnest($1::bigint[], $2::timestamptz[], $3::text[]) AS j(id, received_at, object_ids)
 		ON CONFLICT (id) DO UPDATE SET owner = EXCLUDED.owner, lease_until = EXCLUDED.lease_until`,
-		pq.Array(ids), pq.Array(times), pq.Array(objects), s.owner, pgTime(leaseUntil))
+		pq.Array(ids), pq.Array(times), pgArrayOfInt64Arrays(rows), s.owner, pgTime(leaseUntil))
 	if err != nil {
 		return fmt.Errorf("insert %d journal rows: %w", len(rows), err)
 	}
@@ -217,15 +215,30 @@ func pgTime(t time.Time) string {
 	return t.UTC().Format("2006-01-02T15:04:05.999999Z")
 }
 
-// pgInt64Array formats ids as a PostgreSQL array literal.
-func pgInt64Array(ids []int64) string {
-	b := make([]byte, 0, 2+len(ids)*8)
+// pgArrayOfInt64Arrays formats the rows' object ids as one text[] literal
+// whose elements are bigint[] literals, {"{1,2}","{3}"}, in one buffer:
+// at thousands of callbacks a second, a string per row that lib/pq then
+// quoted again was a fifth of the service's allocations. The elements hold
+// only digits, '-', ',' and braces, so the quotes need no escapes.
+func pgArrayOfInt64Arrays(rows []journalRow) string {
+	n := 2
+	for _, r := range rows {
+		n += 5 + len(r.objectIDs)*8
+	}
+	b := make([]byte, 0, n)
 	b = append(b, '{')
-	for i, id := range ids {
+	for i, r := range rows {
 		if i > 0 {
 			b = append(b, ',')
 		}
-		b = strconv.AppendInt(b, id, 10)
+		b = append(b, '"', '{')
+		for j, id := range r.objectIDs {
+			if j > 0 {
+				b = append(b, ',')
+			}
+			b = strconv.AppendInt(b, id, 10)
+		}
+		b = append(b, '}', '"')
 	}
 	return string(append(b, '}'))
 }

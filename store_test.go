@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"errors"
+	"slices"
 	"testing"
 	"time"
 )
@@ -200,5 +201,38 @@ func TestJournalWaitsForTheFirstConnection(t *testing.T) {
 	a.writer.journal(jctx, second)
 	if second.journaled() || time.Since(start) > time.Second {
 		t.Fatalf("journal write with the database down: journaled=%v after %s, want a fast failure", second.journaled(), time.Since(start))
+	}
+}
+
+// Journal rows come back with exactly the ids they were written with: the
+// extremes, an empty list, many ids.
+func TestJournalRowsRoundTrip(t *testing.T) {
+	a := dbApp(t)
+	ctx := context.Background()
+	now := at(time.Now())
+	many := make([]int64, 1000)
+	for i := range many {
+		many[i] = int64(i*7919) - 500
+	}
+	want := []journalRow{
+		{journalID: 1, receivedAt: now, objectIDs: []int64{-9223372036854775808, -1, 0, 9223372036854775807}},
+		{journalID: 2, receivedAt: now.Add(time.Millisecond), objectIDs: []int64{}},
+		{journalID: 3, receivedAt: now.Add(2 * time.Millisecond), objectIDs: many},
+	}
+	if err := a.store.insertJournal(ctx, a.db.main, want, now.Add(-time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	got, err := a.store.claim(ctx, now, now.Add(time.Minute), now.Add(-time.Minute), 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != len(want) {
+		t.Fatalf("claimed %d rows, want %d", len(got), len(want))
+	}
+	for i := range want {
+		if got[i].journalID != want[i].journalID || !got[i].receivedAt.Equal(want[i].receivedAt) || !slices.Equal(got[i].objectIDs, want[i].objectIDs) {
+			t.Errorf("row %d: got %d at %s with %d ids, want %d at %s with %d ids", i,
+				got[i].journalID, got[i].receivedAt, len(got[i].objectIDs), want[i].journalID, want[i].receivedAt, len(want[i].objectIDs))
+		}
 	}
 }

