@@ -24,7 +24,6 @@ type callback struct {
 	journalID  int64     // its journal row's id, random so instances never collide
 	receivedAt time.Time // becomes last_seen; the service's wall clock, µs precision
 	objectIDs  []int64   // sorted, without duplicates
-	leaseUntil time.Time // no later than its journal row's lease; guarded by pipeline.mu
 
 	// The journal state, guarded by jmu: the handler, the journal writer,
 	// the journal keeper and the callback's own processing all look at it.

@@ -74,7 +74,7 @@ func parseConfig(args []string, getenv func(string) string, out io.Writer) (conf
 	fs.IntVar(&c.maxBacklog, "max-backlog", 20000, "most callbacks held in memory; past it callbacks get 503 with Retry-After")
 	fs.IntVar(&c.maxBacklogIDs, "max-backlog-ids", 4000000, "most object ids held in memory across callbacks; past it callbacks get 503 with Retry-After")
 	fs.DurationVar(&c.journalTimeout, "journal-timeout", 500*time.Millisecond, "how long a callback's answer waits for its journal row; a write still in progress then goes on, and its commit is counted as late")
-	fs.DurationVar(&c.lease, "lease", 5*time.Second, "how long a journal row stays claimed without renewal; another instance takes it over after that")
+	fs.DurationVar(&c.lease, "lease", 5*time.Second, "how long an instance's journal rows stay its own after it last renewed its lease (every second);\nanother instance takes them over after that")
 	fs.DurationVar(&c.maxQueueWait, "max-queue-wait", 5*time.Second, "longest a new callback's ids may wait for a fetch slot, at the fetch rate measured now; past it, callbacks get 503 with Retry-After (capped at 5/6 of -ttl)")
 	fs.DurationVar(&c.fetchTimeout, "fetch-timeout", 5*time.Second, "time limit for one request to the object service (it may take up to 4s)")
 	fs.IntVar(&c.dbConns, "db-conns", 12, "most open PostgreSQL connections")

@@ -7,8 +7,8 @@ import (
 )
 
 // journalKeeper looks after the journal in the background: it writes the
-// rows of callbacks accepted into memory only, renews the leases of the
-// callbacks this instance holds, deletes rows past the TTL, and takes over
+// rows of callbacks accepted into memory only, renews this instance's lease
+// on the rows it owns, deletes rows past the TTL, and takes over
 // rows whose lease ran out, from an instance that crashed or from this
 // service's previous run.
 type journalKeeper struct {
@@ -67,14 +67,8 @@ func (k *journalKeeper) round(ctx context.Context) {
 	defer cancel()
 	k.rejournal(ctx)
 	now := time.Now()
-	// Leases that would end within half a lease (two rounds or more) are
-	// renewed now, so a failed round or two cannot let a held row be taken
-	// over.
-	due := k.pipe.dueLeases(now.Add(k.lease / 2))
-	if err := k.store.renewLeases(ctx, due, now.Add(k.lease)); err != nil {
-		k.guard.warn("renewing journal leases failed", "err", err)
-	} else {
-		k.pipe.leased(due, now.Add(k.lease))
+	if err := k.store.renewLease(ctx, now.Add(k.lease)); err != nil {
+		k.guard.warn("renewing the journal lease failed", "err", err)
 	}
 	if n, err := k.store.dropExpired(ctx, now.Add(-k.ttl)); err != nil {
 		k.guard.warn("dropping expired journal rows failed", "err", err)
@@ -87,7 +81,7 @@ func (k *journalKeeper) round(ctx context.Context) {
 		if err != nil {
 			k.guard.warn("taking over journal rows failed", "err", err)
 		}
-		if n := k.pipe.resume(rows, now.Add(k.lease)); n > 0 {
+		if n := k.pipe.resume(rows); n > 0 {
 			k.metrics.journalReplayed.Add(uint64(n))
 			k.log.Info("took over journal rows", "callbacks", n, "oldest", rows[0].receivedAt)
 		}
@@ -97,6 +91,9 @@ func (k *journalKeeper) round(ctx context.Context) {
 	if k.rounds%depthEvery == 0 {
 		if n, err := k.store.journalDepth(ctx); err == nil {
 			k.metrics.journalDepth.Set(n)
+		}
+		if err := k.store.forgetOwners(ctx, now.Add(-k.ttl)); err != nil {
+			k.guard.warn("forgetting old journal owners failed", "err", err)
 		}
 	}
 	k.rounds++
@@ -127,7 +124,7 @@ func (k *journalKeeper) rejournal(ctx context.Context) {
 // writeRows writes the rows of callbacks that were accepted into memory
 // only; the caller has called beginJournal on each.
 func (k *journalKeeper) writeRows(ctx context.Context, cbs []*callback) error {
-	err := k.store.insertJournal(ctx, k.db.main, journalRows(cbs), time.Now().Add(k.lease))
+	err := k.store.insertJournal(ctx, k.db.main, journalRows(cbs), k.store.owner, time.Now().Add(k.lease))
 	if err != nil {
 		k.metrics.dbErrors.Inc("journal")
 	}

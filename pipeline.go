@@ -71,16 +71,15 @@ func (p *pipeline) accept(receivedAt time.Time, objectIDs []int64) (accepted, er
 	return accepted{journalID: cb.journalID, journaled: journaled}, nil
 }
 
-// resume takes over journal rows that the journal keeper claimed, leased
-// until leaseUntil, and starts them; it returns how many it took (a row
-// already in memory is skipped). Claimed rows are taken even past the backlog
-// bound: the keeper only claims what fits, and a claimed row must not be left
-// with a lease nobody renews.
-func (p *pipeline) resume(rows []journalRow, leaseUntil time.Time) int {
+// resume takes over journal rows that the journal keeper claimed and starts
+// them; it returns how many it took (a row already in memory is skipped).
+// Claimed rows are taken even past the backlog bound: the keeper only claims
+// what fits, and a claimed row must not be left unworked under this
+// instance's lease.
+func (p *pipeline) resume(rows []journalRow) int {
 	n := 0
 	for _, r := range rows {
 		cb := resumed(r)
-		cb.leaseUntil = leaseUntil
 		if p.adopt(cb) == nil {
 			p.start(cb)
 			n++
@@ -110,10 +109,6 @@ func (p *pipeline) adopt(cb *callback) error {
 func (p *pipeline) hold(cb *callback) error {
 	if _, dup := p.held[cb.journalID]; dup {
 		return errDuplicate
-	}
-	if cb.leaseUntil.IsZero() {
-		// Its row, written after receipt, is leased at least this long.
-		cb.leaseUntil = cb.receivedAt.Add(p.cfg.lease)
 	}
 	p.held[cb.journalID] = cb
 	p.heldIDs += len(cb.objectIDs)
@@ -201,34 +196,6 @@ func (p *pipeline) forget(cb *callback) {
 	p.heldIDs -= len(cb.objectIDs)
 	p.metrics.callbacksInMemory.Set(int64(len(p.held)))
 	p.metrics.idsInMemory.Set(int64(p.heldIDs))
-}
-
-// dueLeases lists the journal rows this instance is working on whose leases
-// end before before. Renewing only those, rather than every row each round,
-// keeps the journal's write volume to about one update per row per lease:
-// at thousands of callbacks a second, updating every held row each second
-// wrote several times the WAL of the inserts themselves.
-func (p *pipeline) dueLeases(before time.Time) []int64 {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	var ids []int64
-	for id, cb := range p.held {
-		if cb.leaseUntil.Before(before) {
-			ids = append(ids, id)
-		}
-	}
-	return ids
-}
-
-// leased records that the rows ids are leased until until.
-func (p *pipeline) leased(ids []int64, until time.Time) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	for _, id := range ids {
-		if cb, ok := p.held[id]; ok {
-			cb.leaseUntil = until
-		}
-	}
 }
 
 // stopped says whether the grace period after SIGTERM is over.

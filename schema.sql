@@ -11,9 +11,13 @@ CREATE TABLE IF NOT EXISTS objects (
 CREATE INDEX IF NOT EXISTS objects_last_seen_idx ON objects (last_seen);
 
 -- Accepted callbacks not yet applied. A row is written before the callback is
--- acknowledged and deleted in the statement that applies it; the instance
--- working on it renews lease_until, and any instance takes over a row whose
--- lease ran out.
+-- acknowledged and deleted in the statement that applies it. A row belongs to
+-- its owner while the owner's lease in journal_owners lasts (one row per
+-- instance, renewed every second, so holding thousands of callbacks costs no
+-- per-row updates); lease_until is the row's own lease, set when it is
+-- written or taken over. Any instance takes over a row whose own lease and
+-- whose owner's lease both ran out (a parked row's owner is '', which never
+-- has a lease).
 CREATE TABLE IF NOT EXISTS callback_journal (
     id          BIGINT PRIMARY KEY,
     received_at TIMESTAMPTZ NOT NULL,
@@ -23,3 +27,8 @@ CREATE TABLE IF NOT EXISTS callback_journal (
 );
 CREATE INDEX IF NOT EXISTS callback_journal_lease_idx ON callback_journal (lease_until);
 CREATE INDEX IF NOT EXISTS callback_journal_received_idx ON callback_journal (received_at);
+
+CREATE TABLE IF NOT EXISTS journal_owners (
+    owner       TEXT PRIMARY KEY,
+    lease_until TIMESTAMPTZ NOT NULL
+);

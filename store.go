@@ -51,10 +51,15 @@ type objectRow struct {
 	lastSeen time.Time
 }
 
-// insertJournal writes journal rows with the given lease in one statement,
-// on pool (the journal's own connections, or the main pool). A row that
-// exists already (a retry, or parking at shutdown) gets the new lease.
-func (s *store) insertJournal(ctx context.Context, pool *sql.DB, rows []journalRow, leaseUntil time.Time) error {
+// parkedOwner owns parked journal rows: no instance has a lease under that
+// name, so any instance takes them over at once.
+const parkedOwner = ""
+
+// insertJournal writes journal rows owned by owner (this instance, or
+// parkedOwner) with the given lease, in one statement, on pool (the
+// journal's own connections, or the main pool). A row that exists already
+// (a retry, or parking at shutdown) gets the new owner and lease.
+func (s *store) insertJournal(ctx context.Context, pool *sql.DB, rows []journalRow, owner string, leaseUntil time.Time) error {
 	ids := make([]int64, len(rows))
 	times := make([]string, len(rows))
 	for i, r := range rows {
@@ -66,7 +71,7 @@ func (s *store) insertJournal(ctx context.Context, pool *sql.DB, rows []journalR
 		SELECT j.id, j.received_at, j.object_ids::bigint[], $4, $5
 		FROM unnest($1::bigint[], $2::timestamptz[], $3::text[]) AS j(id, received_at, object_ids)
 		ON CONFLICT (id) DO UPDATE SET owner = EXCLUDED.owner, lease_until = EXCLUDED.lease_until`,
-		pq.Array(ids), pq.Array(times), pgArrayOfInt64Arrays(rows), s.owner, pgTime(leaseUntil))
+		pq.Array(ids), pq.Array(times), pgArrayOfInt64Arrays(rows), owner, pgTime(leaseUntil))
 	if err != nil {
 		return fmt.Errorf("insert %d journal rows: %w", len(rows), err)
 	}
@@ -133,18 +138,30 @@ func (s *store) reap(ctx context.Context, cutoff time.Time) (int64, error) {
 	}
 }
 
-// renewLeases extends the leases of the journal rows this instance holds.
-func (s *store) renewLeases(ctx context.Context, journalIDs []int64, until time.Time) error {
-	if len(journalIDs) == 0 {
-		return nil
-	}
+// renewLease extends this instance's lease on every journal row it owns: one
+// row of journal_owners, however many callbacks it holds. (Updating each
+// held row instead wrote several times the WAL of the journal's inserts at
+// thousands of callbacks a second.)
+func (s *store) renewLease(ctx context.Context, until time.Time) error {
 	_, err := s.db.main.ExecContext(ctx, `
-		UPDATE callback_journal SET owner = $2, lease_until = $3
-		WHERE id IN (SELECT id FROM callback_journal WHERE id = ANY($1::bigint[]) FOR UPDATE SKIP LOCKED)`,
-		pq.Array(journalIDs), s.owner, pgTime(until))
+		INSERT INTO journal_owners (owner, lease_until) VALUES ($1, $2)
+		ON CONFLICT (owner) DO UPDATE SET lease_until = EXCLUDED.lease_until`,
+		s.owner, pgTime(until))
 	if err != nil {
 		s.metrics.dbErrors.Inc("renew")
-		return fmt.Errorf("renew %d leases: %w", len(journalIDs), err)
+		return fmt.Errorf("renew this instance's journal lease: %w", err)
+	}
+	return nil
+}
+
+// forgetOwners deletes the leases that ran out before cutoff: every
+// instance restart adds an owner, and the rows of one gone that long were
+// taken over or expired.
+func (s *store) forgetOwners(ctx context.Context, cutoff time.Time) error {
+	_, err := s.db.main.ExecContext(ctx, `DELETE FROM journal_owners WHERE lease_until < $1`, pgTime(cutoff))
+	if err != nil {
+		s.metrics.dbErrors.Inc("renew")
+		return fmt.Errorf("forget old journal owners: %w", err)
 	}
 	return nil
 }
@@ -163,18 +180,19 @@ func (s *store) dropExpired(ctx context.Context, cutoff time.Time) (int64, error
 	return res.RowsAffected()
 }
 
-// claim takes over up to limit journal rows whose lease ran out before now
-// (their instance stopped or crashed) and that were received since
-// receivedSince, oldest first, leasing them until leaseUntil. SKIP LOCKED
-// lets several instances claim at once without waiting for or
-// double-claiming a row.
+// claim takes over up to limit journal rows whose own lease and whose
+// owner's lease ran out before now (their instance stopped or crashed, or
+// parked them) and that were received since receivedSince, oldest first,
+// leasing them until leaseUntil. SKIP LOCKED lets several instances claim
+// at once without waiting for or double-claiming a row.
 func (s *store) claim(ctx context.Context, now, leaseUntil, receivedSince time.Time, limit int) ([]journalRow, error) {
 	rows, err := s.db.main.QueryContext(ctx, `
 		UPDATE callback_journal SET owner = $1, lease_until = $2
 		WHERE id IN (
-			SELECT id FROM callback_journal
-			WHERE lease_until < $3 AND received_at >= $4
-			ORDER BY received_at LIMIT $5 FOR UPDATE SKIP LOCKED)
+			SELECT j.id FROM callback_journal j
+			WHERE j.lease_until < $3 AND j.received_at >= $4
+			  AND NOT EXISTS (SELECT 1 FROM journal_owners o WHERE o.owner = j.owner AND o.lease_until >= $3)
+			ORDER BY j.received_at LIMIT $5 FOR UPDATE OF j SKIP LOCKED)
 		RETURNING id, received_at, object_ids`,
 		s.owner, pgTime(leaseUntil), pgTime(now), pgTime(receivedSince), limit)
 	if err != nil {

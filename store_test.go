@@ -59,7 +59,7 @@ func TestApplyRowsDeletesJournalRows(t *testing.T) {
 	ctx := context.Background()
 	now := at(time.Now())
 	rows := []journalRow{{11, now, []int64{2}}, {12, now, []int64{4}}}
-	if err := a.store.insertJournal(ctx, a.db.main, rows, now.Add(time.Minute)); err != nil {
+	if err := a.store.insertJournal(ctx, a.db.main, rows, a.store.owner, now.Add(time.Minute)); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := a.store.applyRows(ctx, []objectRow{{2, now}}, []int64{11}); err != nil {
@@ -109,7 +109,7 @@ func TestJournalLeaseClaimAndExpiry(t *testing.T) {
 
 	now := at(time.Now())
 	row := journalRow{journalID: 7, receivedAt: now, objectIDs: []int64{1, 2, 3}}
-	if err := a.store.insertJournal(ctx, a.db.main, []journalRow{row}, now.Add(5*time.Second)); err != nil {
+	if err := a.store.insertJournal(ctx, a.db.main, []journalRow{row}, a.store.owner, now.Add(5*time.Second)); err != nil {
 		t.Fatal(err)
 	}
 	claim := func(at time.Time) []journalRow {
@@ -123,12 +123,13 @@ func TestJournalLeaseClaimAndExpiry(t *testing.T) {
 	if got := claim(now.Add(time.Second)); len(got) != 0 {
 		t.Fatalf("claimed %d rows under a live lease", len(got))
 	}
-	// Renewal keeps the row: at now+6s it is still leased until now+8s.
-	if err := a.store.renewLeases(ctx, []int64{row.journalID}, now.Add(8*time.Second)); err != nil {
+	// The owner's lease keeps the row: at now+6s the row's own lease has
+	// run out, but its owner's lasts until now+8s.
+	if err := a.store.renewLease(ctx, now.Add(8*time.Second)); err != nil {
 		t.Fatal(err)
 	}
 	if got := claim(now.Add(6 * time.Second)); len(got) != 0 {
-		t.Fatalf("claimed a renewed row")
+		t.Fatalf("claimed a row whose owner's lease lasts")
 	}
 	got := claim(now.Add(9 * time.Second))
 	if len(got) != 1 || got[0].journalID != row.journalID || !got[0].receivedAt.Equal(row.receivedAt) || len(got[0].objectIDs) != 3 {
@@ -147,7 +148,12 @@ func TestParkedCallbacksAreClaimableAtOnce(t *testing.T) {
 	a := dbApp(t)
 	ctx := context.Background()
 	cb := newCallback(at(time.Now()), []int64{8})
-	if err := a.store.insertJournal(ctx, a.db.main, []journalRow{cb.journalRow()}, time.Now().Add(time.Minute)); err != nil {
+	if err := a.store.insertJournal(ctx, a.db.main, []journalRow{cb.journalRow()}, a.store.owner, time.Now().Add(time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	// Parked rows are claimable at once even while their instance's lease
+	// lasts (it parks them when it is shutting down).
+	if err := a.store.renewLease(ctx, time.Now().Add(time.Minute)); err != nil {
 		t.Fatal(err)
 	}
 	unjournaled := newCallback(at(time.Now()), []int64{10})
@@ -219,7 +225,7 @@ func TestJournalRowsRoundTrip(t *testing.T) {
 		{journalID: 2, receivedAt: now.Add(time.Millisecond), objectIDs: []int64{}},
 		{journalID: 3, receivedAt: now.Add(2 * time.Millisecond), objectIDs: many},
 	}
-	if err := a.store.insertJournal(ctx, a.db.main, want, now.Add(-time.Second)); err != nil {
+	if err := a.store.insertJournal(ctx, a.db.main, want, a.store.owner, now.Add(-time.Second)); err != nil {
 		t.Fatal(err)
 	}
 	got, err := a.store.claim(ctx, now, now.Add(time.Minute), now.Add(-time.Minute), 10)

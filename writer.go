@@ -197,7 +197,7 @@ func (w *writer) writeJournal(ctx context.Context, batch []*writeReq) error {
 			return err
 		}
 		actx, cancel := context.WithTimeout(ctx, journalAttemptTimeout)
-		err := w.store.insertJournal(actx, w.db.journal, rows, time.Now().Add(w.lease))
+		err := w.store.insertJournal(actx, w.db.journal, rows, w.store.owner, time.Now().Add(w.lease))
 		cancel()
 		if err == nil {
 			return nil
@@ -221,7 +221,7 @@ func (w *writer) park(ctx context.Context, cbs []*callback) error {
 	if len(cbs) == 0 {
 		return nil
 	}
-	if err := w.store.insertJournal(ctx, w.db.main, journalRows(cbs), time.Now().Add(-time.Second)); err != nil {
+	if err := w.store.insertJournal(ctx, w.db.main, journalRows(cbs), parkedOwner, time.Now().Add(-time.Second)); err != nil {
 		w.metrics.dbErrors.Inc("park")
 		return err
 	}
