@@ -116,8 +116,8 @@ func (b *retryBudget) take() bool {
 // what breaks first: every accepted callback brings lookups, applies and
 // goroutines that compete with the journal writer and the handlers for the
 // CPU, so acceptance must slow down before answers pass the sender's
-// timeout. When more than one answer in slowShare of a tick took longer
-// than target, the limit drops to three quarters of the peak in use (at most
+// timeout. When more than one answer in slowShare took longer than target
+// for slowTicksToCut ticks in a row, the limit drops to three quarters of the peak in use (at most
 // once per cooldown); a tick with no answer over the target and the limit
 // nearly used up grows it by a sixteenth. A share rather than the slowest
 // answer: one answer held up by a collector pause must not shed the next
@@ -132,6 +132,8 @@ type answerLimiter struct {
 	target  time.Duration
 	metrics *metrics
 	lastCut time.Time
+	// slowTicks counts the ticks in a row with too many slow answers.
+	slowTicks int
 }
 
 // answerTargetShare sets the answer time the limiter keeps under: half of
@@ -201,17 +203,27 @@ func (l *answerLimiter) run(ctx context.Context) {
 	}
 }
 
-// slowShare is the share of a tick's answers that may take longer than the
-// target before the limit is cut: 1 in 20.
-const slowShare = 20
+// The limit is cut when more than 1 in slowShare answers took longer than
+// the target in slowTicksToCut ticks in a row: a stall of one tick (a
+// checkpoint's fsync, a collector pause) ends by itself, and cutting for it
+// only shed the burst that came after; overload does not end by itself.
+const (
+	slowShare      = 20
+	slowTicksToCut = 2
+)
 
 // adjust applies one tick's worth of signal to the limit: answers and slow
 // ones since the last tick, and the most callbacks in use.
 func (l *answerLimiter) adjust(now time.Time, answers, slow, peak int64) {
 	limit := l.limit.Load()
 	next := limit
+	if slow*slowShare > answers {
+		l.slowTicks++
+	} else {
+		l.slowTicks = 0
+	}
 	switch {
-	case slow*slowShare > answers:
+	case l.slowTicks >= slowTicksToCut:
 		if now.Sub(l.lastCut) >= limitCooldown {
 			next = max(minHandling, min(limit, peak)*3/4)
 			l.lastCut = now
