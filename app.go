@@ -114,5 +114,6 @@ func (a *app) close() {
 	a.pipe.abort()
 	a.stopBG()
 	a.loops.Wait()
+	a.store.close()
 	_ = a.db.close()
 }

@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"strconv"
+	"sync"
 	"syscall"
 	"time"
 
@@ -23,11 +24,80 @@ type store struct {
 	db      *database
 	owner   string // this instance's name on the journal rows it leases
 	metrics *metrics
+
+	mu    sync.Mutex
+	stmts map[stmtKey]*sql.Stmt // see prepared
+}
+
+type stmtKey struct {
+	pool  *sql.DB
+	query string
 }
 
 func newStore(db *database, m *metrics) *store {
-	return &store{db: db, owner: fmt.Sprintf("%s-%d-%08x", hostname(), syscall.Getpid(), rand.Uint32()), metrics: m}
+	return &store{db: db, owner: fmt.Sprintf("%s-%d-%08x", hostname(), syscall.Getpid(), rand.Uint32()), metrics: m,
+		stmts: make(map[stmtKey]*sql.Stmt)}
 }
+
+// prepared returns query prepared on pool, preparing it on first use. The
+// statements of the callback path run hundreds of times a second: with
+// arguments, lib/pq otherwise parses and describes every call in a round
+// trip of its own before it binds, and PostgreSQL plans it every time.
+// database/sql prepares the statement again on each connection that runs
+// it, so reconnects after an outage need nothing here.
+func (s *store) prepared(ctx context.Context, pool *sql.DB, query string) (*sql.Stmt, error) {
+	key := stmtKey{pool, query}
+	s.mu.Lock()
+	st, ok := s.stmts[key]
+	s.mu.Unlock()
+	if ok {
+		return st, nil
+	}
+	st, err := pool.PrepareContext(ctx, query)
+	if err != nil {
+		return nil, fmt.Errorf("prepare: %w", err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if cur, ok := s.stmts[key]; ok { // prepared meanwhile by another writer
+		st.Close()
+		return cur, nil
+	}
+	s.stmts[key] = st
+	return st, nil
+}
+
+// close closes the prepared statements.
+func (s *store) close() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for k, st := range s.stmts {
+		st.Close()
+		delete(s.stmts, k)
+	}
+}
+
+// The statements of the callback path, prepared (see prepared).
+const (
+	insertJournalSQL = `
+		INSERT INTO callback_journal (id, received_at, object_ids, owner, lease_until)
+		SELECT j.id, j.received_at, j.object_ids::bigint[], $4, $5
+		FROM unnest($1::bigint[], $2::timestamptz[], $3::text[]) AS j(id, received_at, object_ids)
+		ON CONFLICT (id) DO UPDATE SET owner = EXCLUDED.owner, lease_until = EXCLUDED.lease_until`
+	// The WHERE skips updates that would not move last_seen, which saves
+	// dead tuples; GREATEST states the rule on its own.
+	applySQL = `
+		WITH upserted AS (
+			INSERT INTO objects (id, last_seen)
+			SELECT * FROM unnest($1::bigint[], $2::timestamptz[])
+			ON CONFLICT (id) DO UPDATE SET last_seen = GREATEST(objects.last_seen, EXCLUDED.last_seen)
+			WHERE objects.last_seen < EXCLUDED.last_seen
+			RETURNING 1
+		), done AS (
+			DELETE FROM callback_journal WHERE id = ANY($3::bigint[]) RETURNING 1
+		)
+		SELECT (SELECT count(*) FROM upserted), (SELECT count(*) FROM done)`
+)
 
 // hostname makes journal owners readable: which machine holds a lease.
 func hostname() string {
@@ -66,12 +136,10 @@ func (s *store) insertJournal(ctx context.Context, pool *sql.DB, rows []journalR
 		ids[i] = r.journalID
 		times[i] = pgTime(r.receivedAt)
 	}
-	_, err := pool.ExecContext(ctx, `
-		INSERT INTO callback_journal (id, received_at, object_ids, owner, lease_until)
-		SELECT j.id, j.received_at, j.object_ids::bigint[], $4, $5
-		FROM unnest($1::bigint[], $2::timestamptz[], $3::text[]) AS j(id, received_at, object_ids)
-		ON CONFLICT (id) DO UPDATE SET owner = EXCLUDED.owner, lease_until = EXCLUDED.lease_until`,
-		pq.Array(ids), pq.Array(times), pgArrayOfInt64Arrays(rows), owner, pgTime(leaseUntil))
+	st, err := s.prepared(ctx, pool, insertJournalSQL)
+	if err == nil {
+		_, err = st.ExecContext(ctx, pq.Array(ids), pq.Array(times), pgArrayOfInt64Arrays(rows), owner, pgTime(leaseUntil))
+	}
 	if err != nil {
 		return fmt.Errorf("insert %d journal rows: %w", len(rows), err)
 	}
@@ -90,21 +158,11 @@ func (s *store) applyRows(ctx context.Context, objects []objectRow, doneJournalI
 		ids[i] = o.id
 		times[i] = pgTime(o.lastSeen)
 	}
-	// The WHERE skips updates that would not move last_seen, which saves
-	// dead tuples; GREATEST states the rule on its own.
 	var upserted, deleted int64
-	err := s.db.main.QueryRowContext(ctx, `
-		WITH upserted AS (
-			INSERT INTO objects (id, last_seen)
-			SELECT * FROM unnest($1::bigint[], $2::timestamptz[])
-			ON CONFLICT (id) DO UPDATE SET last_seen = GREATEST(objects.last_seen, EXCLUDED.last_seen)
-			WHERE objects.last_seen < EXCLUDED.last_seen
-			RETURNING 1
-		), done AS (
-			DELETE FROM callback_journal WHERE id = ANY($3::bigint[]) RETURNING 1
-		)
-		SELECT (SELECT count(*) FROM upserted), (SELECT count(*) FROM done)`,
-		pq.Array(ids), pq.Array(times), pq.Array(doneJournalIDs)).Scan(&upserted, &deleted)
+	st, err := s.prepared(ctx, s.db.main, applySQL)
+	if err == nil {
+		err = st.QueryRowContext(ctx, pq.Array(ids), pq.Array(times), pq.Array(doneJournalIDs)).Scan(&upserted, &deleted)
+	}
 	if err != nil {
 		s.metrics.dbErrors.Inc("apply")
 		return 0, fmt.Errorf("apply %d rows, %d journal rows: %w", len(objects), len(doneJournalIDs), err)
