@@ -53,6 +53,10 @@ func handleCallback(cfg config, pipe *pipeline, handling *answerLimiter, m *metr
 		}
 		var answered time.Duration
 		defer func() { handling.leave(answered) }()
+		if pipe.full() {
+			shed(w, m, errBacklogFull)
+			return
+		}
 		ids, err := decodeCallback(http.MaxBytesReader(w, r.Body, cfg.maxBody), cfg.maxIDs)
 		if err != nil {
 			var bad *badRequest

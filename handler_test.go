@@ -111,6 +111,13 @@ func TestBacklogFullAnswers503(t *testing.T) {
 	if got := p.metrics.callbacksShed.Value("backlog_full"); got != 3 {
 		t.Errorf("shed backlog_full %d, want 3", got)
 	}
+	// With the backlog full, the body is not even read.
+	body := &readCounter{r: strings.NewReader(idsBody(9))}
+	rec := httptest.NewRecorder()
+	p.handler().ServeHTTP(rec, httptest.NewRequest("POST", "/callback", body))
+	if rec.Code != http.StatusServiceUnavailable || body.read {
+		t.Errorf("status %d, body read %v; want 503 without reading the body", rec.Code, body.read)
+	}
 }
 
 func TestPanicInHandlerIs500(t *testing.T) {

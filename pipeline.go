@@ -179,6 +179,15 @@ func (p *pipeline) setMemoryOnly(n int) {
 	}
 }
 
+// full says whether the backlog has no room for another callback, whatever
+// its ids: the handler asks before it reads a body, so that past capacity a
+// full backlog costs a 503 and not a decode. (admit decides for the ids.)
+func (p *pipeline) full() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.held) >= p.cfg.maxBacklog || p.heldIDs >= p.cfg.maxBacklogIDs
+}
+
 // room is how many more callbacks fit in the backlog.
 func (p *pipeline) room() int {
 	p.mu.Lock()

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"io"
+	mathbits "math/bits"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -24,6 +25,7 @@ type sender struct {
 	rate             float64
 	idsMin, idsMax   int
 	idSpace          int64
+	seen             []uint64 // distinct's bitmap; only the run loop uses it
 	unique           bool
 	nextUnique       int64
 	timeout          time.Duration
@@ -108,7 +110,7 @@ func (s *sender) run(ctx context.Context) (first, last time.Time) {
 			first = sendAt
 		}
 		last = sendAt
-		idx := s.check.sent(sendAt, dedupe(ids))
+		idx := s.check.sent(sendAt, s.distinct(ids))
 		s.sentN.Add(1)
 		s.idsN.Add(int64(len(ids)))
 		wg.Add(1)
@@ -178,6 +180,33 @@ func encode(ids []int64) []byte {
 	}
 	return append(b, "]}"...)
 }
+
+// distinct returns the ids sorted and without repeats, as a new slice. Ids
+// from a small space are marked in a bitmap and read back in order, which
+// at thousands of callbacks a second costs a tenth of sorting them.
+func (s *sender) distinct(ids []int64) []int64 {
+	if s.unique || s.idSpace > maxBitmapSpace {
+		return dedupe(ids)
+	}
+	words := int((s.idSpace + 63) / 64)
+	if len(s.seen) < words {
+		s.seen = make([]uint64, words)
+	}
+	for _, id := range ids {
+		s.seen[id/64] |= 1 << (id % 64)
+	}
+	out := make([]int64, 0, len(ids))
+	for w := range s.seen[:words] {
+		for bits := s.seen[w]; bits != 0; bits &= bits - 1 {
+			out = append(out, int64(w*64+mathbits.TrailingZeros64(bits)))
+		}
+		s.seen[w] = 0
+	}
+	return out
+}
+
+// maxBitmapSpace is the largest id space distinct marks in a bitmap (8 KiB).
+const maxBitmapSpace = 1 << 16
 
 func dedupe(ids []int64) []int64 {
 	out := slices.Clone(ids)

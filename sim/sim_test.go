@@ -562,3 +562,17 @@ func testSchema(t *testing.T) string {
 	}
 	return dsn + " search_path=" + schema
 }
+
+// distinct agrees with sorting and compacting, for small id spaces (the
+// bitmap) and large ones.
+func TestDistinctAgreesWithSort(t *testing.T) {
+	for _, space := range []int64{1, 64, 100, 1000, maxBitmapSpace, maxBitmapSpace + 1} {
+		s := &sender{idSpace: space, idsMin: 200, idsMax: 200}
+		for range 20 {
+			ids := s.ids()
+			if got, want := s.distinct(ids), dedupe(ids); !slices.Equal(got, want) {
+				t.Fatalf("space %d: distinct %v, want %v", space, got, want)
+			}
+		}
+	}
+}
