@@ -12,6 +12,8 @@ demo:
 test:
 	scripts/with-postgres go test -race -count=1 -p 1 ./...
 
+# The load benchmark: duplicate-heavy and unique-id steps, then each kind
+# at twice its highest rate that held (about 12 minutes; docs/PERFORMANCE.md).
 bench: build
 	scripts/with-postgres bin/sim -mode bench -service bin/objtrack
 

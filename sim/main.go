@@ -14,7 +14,7 @@
 //	sim -mode bench -service bin/objtrack   # the load benchmark (make bench)
 //
 // It exits 0 when nothing was missed and the table was exact, 1 when not,
-// and 2 when it could not start; in bench mode 0 once the table is printed
+// and 2 when it could not start; in bench mode 0 once the tables are printed
 // and 1 when a measurement could not be made.
 package main
 
