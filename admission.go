@@ -191,16 +191,9 @@ func atomicMax(v *atomic.Int64, n int64) {
 }
 
 func (l *answerLimiter) run(ctx context.Context) {
-	t := time.NewTicker(limitTick)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
+	everyTick(ctx, limitTick, func() {
 		l.adjust(time.Now(), l.answers.Swap(0), l.slow.Swap(0), l.peak.Swap(l.inUse.Load()))
-	}
+	})
 }
 
 // The limit is cut when more than 1 in slowShare answers took longer than

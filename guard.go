@@ -91,3 +91,18 @@ func recoverPanics(next http.Handler, g *guard) http.Handler {
 		next.ServeHTTP(w, r)
 	})
 }
+
+// everyTick calls fn every d until ctx ends: the shape of the service's
+// periodic loops (the limiters, the reaper).
+func everyTick(ctx context.Context, d time.Duration, fn func()) {
+	t := time.NewTicker(d)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		fn()
+	}
+}

@@ -208,17 +208,10 @@ func newFetchLimiter(slots *fetchSlots, meter *fetchMeter, waiting *atomic.Int64
 }
 
 func (l *fetchLimiter) run(ctx context.Context) {
-	t := time.NewTicker(limitTick)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
+	everyTick(ctx, limitTick, func() {
 		l.meter.tick(l.waiting.Load() > 0, limitTick)
 		l.adjust(time.Now(), l.lag())
-	}
+	})
 }
 
 // rate is the fetch capacity now, in attempts per second.

@@ -28,19 +28,11 @@ func newReaper(cfg config, s *store, db *database, log *slog.Logger, m *metrics,
 }
 
 func (r *reaper) run(ctx context.Context) {
-	t := time.NewTicker(r.every)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
+	everyTick(ctx, r.every, func() {
+		if r.db.ready() == nil {
+			r.round(ctx)
 		}
-		if r.db.ready() != nil {
-			continue
-		}
-		r.round(ctx)
-	}
+	})
 }
 
 func (r *reaper) round(ctx context.Context) {
