@@ -145,6 +145,9 @@ func (d *database) ready() error {
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if d.up.Load() { // came up while this waited for the lock
+		return nil
+	}
 	return fmt.Errorf("%w: %v", errNotUp, d.downWhy)
 }
 
@@ -162,12 +165,14 @@ func (d *database) setUp(err error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	changed := !d.told || d.up.Load() != (err == nil)
+	d.downWhy = err
+	d.up.Store(err == nil)
+	// Only now that the state is recorded: a writer woken by the first
+	// outcome reads it at once.
 	if !d.told {
 		close(d.checked)
 	}
 	d.told = true
-	d.downWhy = err
-	d.up.Store(err == nil)
 	if err == nil {
 		d.metrics.databaseUp.Set(1)
 		if changed {
