@@ -117,12 +117,12 @@ func (b *retryBudget) take() bool {
 // goroutines that compete with the journal writer and the handlers for the
 // CPU, so acceptance must slow down before answers pass the sender's
 // timeout. When more than one answer in slowShare took longer than target
-// for slowTicksToCut ticks in a row, the limit drops to three quarters of the peak in use (at most
-// once per cooldown); a tick with no answer over the target and the limit
-// nearly used up grows it by a sixteenth. A share rather than the slowest
-// answer: one answer held up by a collector pause must not shed the next
-// hundred. A callback over the limit is shed before its body is read: a 503
-// costs microseconds.
+// for slowTicksToCut ticks in a row, the limit drops to three quarters of
+// the peak in use (at most once per cooldown); a tick with no answer over
+// the target and the limit nearly used up grows it by a sixteenth. A share
+// rather than the slowest answer: one answer held up by a collector pause
+// must not shed the next hundred. A callback over the limit is shed before
+// its body is read: a 503 costs microseconds.
 type answerLimiter struct {
 	inUse   atomic.Int64
 	limit   atomic.Int64
