@@ -26,7 +26,7 @@ func TestAdmissionShedsOnlyNewIDsPastTheBound(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			cfg := testConfig(t, "-max-queue-wait", "2s")
 			m := newMetrics()
-			f := newFetcher(cfg, instantObjects{}, discardLogger(), m, &guard{log: discardLogger(), metrics: m})
+			f := newFetcher(cfg, instantObjects{}, (&savedRows{}).save, discardLogger(), m, &guard{log: discardLogger(), metrics: m})
 			f.slots.setLimit(100)
 			f.meter.observe(time.Second)
 			l := newFetchLimiter(f.slots, &f.meter, &f.waiting, time.Second, nil, m)

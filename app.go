@@ -46,7 +46,7 @@ func newApp(cfg config, log *slog.Logger, transport http.RoundTripper) (*app, er
 	a := &app{cfg: cfg, log: log, metrics: m, guard: g, db: db}
 	a.store = newStore(db, m)
 	a.writer = newWriter(cfg, a.store, db, m, g)
-	a.fetcher = newFetcher(cfg, transport, log, m, g)
+	a.fetcher = newFetcher(cfg, transport, a.writer.upsert, log, m, g)
 	a.limiter = newFetchLimiter(a.fetcher.slots, &a.fetcher.meter, &a.fetcher.waiting, cfg.journalTimeout/journalTargetShare, a.writer.lag.take, m)
 	a.answers = newAnswerLimiter(cfg.journalTimeout/answerTargetShare, m)
 	a.pipe = newPipeline(cfg, a.fetcher, a.writer, newAdmission(cfg, a.fetcher, a.limiter, m), db, log, m, g)

@@ -91,8 +91,8 @@ func BenchmarkCallbackHandler(b *testing.B) {
 	})
 }
 
-// BenchmarkApply is the upsert path: one statement per batch of callbacks,
-// rows per second by batch size and by the size of the table. Ids come from
+// BenchmarkApply is the upsert path: one statement per batch of online
+// objects, rows per second by batch size and by the size of the table. Ids come from
 // twice the table's range, so about half are updates that move last_seen
 // forward and half are inserts.
 func BenchmarkApply(b *testing.B) {
@@ -108,14 +108,10 @@ func BenchmarkApply(b *testing.B) {
 			b.Run(fmt.Sprintf("table=%d/rows=%d", table, rows), func(b *testing.B) {
 				b.ReportAllocs()
 				for b.Loop() {
-					batch := make([]*writeReq, rows/100)
+					now := time.Now().Truncate(time.Microsecond)
+					batch := make([]*writeReq, rows)
 					for i := range batch {
-						ids := make([]int64, 100)
-						for j := range ids {
-							ids[j] = rand.Int64N(2 * int64(table))
-						}
-						cb := newCallback(time.Now().Truncate(time.Microsecond), dedupe(ids))
-						batch[i] = &writeReq{cb: cb, online: cb.objectIDs, completes: true, done: make(chan error, 1)}
+						batch[i] = &writeReq{object: objectRow{rand.Int64N(2 * int64(table)), now}, done: make(chan error, 1)}
 					}
 					if err := p.writer.applyBatch(context.Background(), batch); err != nil {
 						b.Fatal(err)
@@ -130,7 +126,7 @@ func BenchmarkApply(b *testing.B) {
 // BenchmarkLookup is the fetch path with the network taken out: a callback
 // of 200 new ids through the semaphore, the flights and the answer check.
 func BenchmarkLookup(b *testing.B) {
-	p := testApp(b, testConfig(b, "-upstream", "http://objects.invalid"), instantObjects{})
+	p := fetchApp(b, testConfig(b, "-upstream", "http://objects.invalid"), instantObjects{})
 	next := int64(0)
 	b.ReportAllocs()
 	for b.Loop() {

@@ -32,12 +32,9 @@ type callback struct {
 	jwait    chan struct{} // closed when a write in progress ends
 	answered bool          // the handler answered while the write was in progress
 
-	// results[i] is set once, by the lookup of objectIDs[i], and read while
-	// other lookups are still landing, hence atomic.
+	// results[i] is set once, by the lookup of objectIDs[i], which has
+	// written the row when the result is online.
 	results []atomic.Uint32
-	// written[i] says objectIDs[i] went to the table in an early flush; only
-	// the goroutine processing the callback touches it.
-	written []bool
 }
 
 func newCallback(receivedAt time.Time, objectIDs []int64) *callback {
@@ -46,7 +43,6 @@ func newCallback(receivedAt time.Time, objectIDs []int64) *callback {
 		receivedAt: receivedAt,
 		objectIDs:  objectIDs,
 		results:    make([]atomic.Uint32, len(objectIDs)),
-		written:    make([]bool, len(objectIDs)),
 	}
 }
 
@@ -62,30 +58,6 @@ const (
 )
 
 func (cb *callback) result(i int) result { return result(cb.results[i].Load()) }
-
-// takeOnline returns the ids found online and not yet written, and marks
-// them written.
-func (cb *callback) takeOnline() []int64 {
-	// Counted first so that one exact allocation holds them: at thousands
-	// of callbacks a second, growing the slice was a tenth of the CPU.
-	n := 0
-	for i := range cb.objectIDs {
-		if !cb.written[i] && cb.result(i) == resultOnline {
-			n++
-		}
-	}
-	if n == 0 {
-		return nil
-	}
-	out := make([]int64, 0, n)
-	for i, id := range cb.objectIDs {
-		if !cb.written[i] && cb.result(i) == resultOnline {
-			cb.written[i] = true
-			out = append(out, id)
-		}
-	}
-	return out
-}
 
 // aborted says whether some lookup ended without an answer.
 func (cb *callback) aborted() bool {

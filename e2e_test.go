@@ -140,9 +140,10 @@ func TestStartsWithoutDatabaseAndCatchesUp(t *testing.T) {
 	eventually(t, 10*time.Second, "callback applied once the database is back", func() bool { return len(objectsIn(t, db)) == 2 })
 }
 
-// One slow lookup does not hold back the rows of the rest of its callback,
-// and the journal row stays until the callback is complete.
-func TestEarlyFlushWritesFinishedLookups(t *testing.T) {
+// Each online object is written as soon as its lookup ends: one slow
+// lookup does not hold back the rows of the rest of its callback, and the
+// journal row stays until the callback is complete.
+func TestFinishedLookupsAreWrittenAtOnce(t *testing.T) {
 	dsn := testDSN(t)
 	db := openDB(t, dsn)
 	up := newUpstream(t, 0, func(w http.ResponseWriter, r *http.Request, id int64, n int) bool {

@@ -17,14 +17,18 @@ import (
 	"time"
 )
 
-// fetcher asks the object service whether objects are online.
+// fetcher asks the object service whether objects are online, and writes
+// the online ones to the table.
 //
 // One semaphore (a buffered channel) bounds the requests in flight across all
 // callbacks. With coalescing on, lookups of an id that is already being
 // fetched join that fetch instead of sending another request: a flight
 // carries the waiters of every callback that asked for its id and hands each
 // the one answer (the model is golang.org/x/sync/singleflight, without a
-// goroutine per waiter).
+// goroutine per waiter). A flight that finds its object online saves one row
+// for all its waiters, at the latest receipt time among them, before any of
+// them hears the answer: a callback whose every id has an answer is applied,
+// and only its journal row is left to delete.
 type fetcher struct {
 	client       *http.Client
 	objectsURL   string // upstream + "/objects/"
@@ -44,15 +48,21 @@ type fetcher struct {
 	upstream *upstreamHealth
 	fd       *fdGuard
 
+	// save upserts an online object and returns once it is committed, or
+	// with errExpired past its TTL, or ctx's error (the writer's upsert).
+	save func(ctx context.Context, o objectRow) error
+
 	mu      sync.Mutex
 	flights map[int64]*flight
 }
 
 // flight is one fetch of one id, with everyone waiting for its answer.
 type flight struct {
-	id       int64
-	deadline time.Time // the latest deadline of its waiters; guarded by fetcher.mu
-	waiters  []waiter  // guarded by fetcher.mu
+	id int64
+	// latest is the latest receipt time of its waiters, guarded by
+	// fetcher.mu: the last_seen its row gets, and + TTL its deadline.
+	latest  time.Time
+	waiters []waiter // guarded by fetcher.mu
 }
 
 // waiter is one callback's slot for the answer about one id.
@@ -70,8 +80,9 @@ const (
 	fetchRetryMax = 2 * time.Second
 )
 
-// newFetcher builds the fetcher. A nil transport means the tuned default.
-func newFetcher(cfg config, transport http.RoundTripper, log *slog.Logger, m *metrics, g *guard) *fetcher {
+// newFetcher builds the fetcher, which saves online objects through save.
+// A nil transport means the tuned default.
+func newFetcher(cfg config, transport http.RoundTripper, save func(context.Context, objectRow) error, log *slog.Logger, m *metrics, g *guard) *fetcher {
 	if transport == nil {
 		dialer := &net.Dialer{Timeout: dialTimeout, KeepAlive: tcpKeepAlive}
 		transport = newTransport(cfg, dialer.DialContext)
@@ -90,6 +101,7 @@ func newFetcher(cfg config, transport http.RoundTripper, log *slog.Logger, m *me
 		retries:      newRetryBudget(),
 		upstream:     newUpstreamHealth(cfg.upstream, log, m, g),
 		fd:           newFDGuard(fdFetch, log, m),
+		save:         save,
 	}
 }
 
@@ -101,7 +113,6 @@ func newFetcher(cfg config, transport http.RoundTripper, log *slog.Logger, m *me
 // what holds back a flood of new ids. It returns when the last has started.
 func (f *fetcher) lookupAll(ctx context.Context, cb *callback, wg *sync.WaitGroup) {
 	wg.Add(len(cb.objectIDs))
-	deadline := cb.receivedAt.Add(f.ttl)
 	var starts []*flight // most ids of a busy service join a flight: grown as needed
 	joined := 0
 	f.mu.Lock()
@@ -109,13 +120,13 @@ func (f *fetcher) lookupAll(ctx context.Context, cb *callback, wg *sync.WaitGrou
 		w := waiter{slot: &cb.results[i], wg: wg}
 		if cur, ok := f.flights[id]; ok && f.coalesce {
 			cur.waiters = append(cur.waiters, w)
-			if deadline.After(cur.deadline) {
-				cur.deadline = deadline
+			if cb.receivedAt.After(cur.latest) {
+				cur.latest = cb.receivedAt
 			}
 			joined++
 			continue
 		}
-		fl := &flight{id: id, deadline: deadline, waiters: []waiter{w}}
+		fl := &flight{id: id, latest: cb.receivedAt, waiters: []waiter{w}}
 		if f.coalesce {
 			f.flights[id] = fl
 		}
@@ -128,7 +139,7 @@ func (f *fetcher) lookupAll(ctx context.Context, cb *callback, wg *sync.WaitGrou
 		ok := f.acquire(ctx)
 		f.waiting.Add(-1)
 		if !ok {
-			f.deliver(fl, resultAborted)
+			f.deliver(ctx, fl, resultAborted)
 			continue
 		}
 		f.retries.earn()
@@ -171,7 +182,7 @@ func (f *fetcher) release() {
 // latest deadline of its waiters. The slot is released while it sleeps.
 func (f *fetcher) fetch(ctx context.Context, fl *flight) {
 	outcome := resultAborted
-	defer func() { f.deliver(fl, outcome) }()
+	defer func() { f.deliver(ctx, fl, outcome) }()
 	defer f.guard.catch("fetch")
 	backoff := fetchRetryMin
 	for {
@@ -208,7 +219,7 @@ func (f *fetcher) fetch(ctx context.Context, fl *flight) {
 				pause = max(pause, fdPause())
 			}
 			f.mu.Lock()
-			deadline := fl.deadline
+			deadline := fl.latest.Add(f.ttl)
 			f.mu.Unlock()
 			if time.Now().Add(pause).After(deadline) {
 				outcome = resultExpired
@@ -229,14 +240,19 @@ func (f *fetcher) fetch(ctx context.Context, fl *flight) {
 }
 
 // deliver hands the outcome to every waiter of fl. Taking fl out of the map
-// under the lock first means no waiter can join after the answer is out.
-func (f *fetcher) deliver(fl *flight, r result) {
+// under the lock first means no waiter can join after the answer is out, so
+// an online answer is saved at the latest receipt time of exactly the
+// waiters that hear it, and before they hear it.
+func (f *fetcher) deliver(ctx context.Context, fl *flight, r result) {
 	f.mu.Lock()
 	if f.coalesce && f.flights[fl.id] == fl {
 		delete(f.flights, fl.id)
 	}
-	waiters := fl.waiters
+	waiters, latest := fl.waiters, fl.latest
 	f.mu.Unlock()
+	if r == resultOnline {
+		r = f.saveOnline(ctx, objectRow{fl.id, latest})
+	}
 	if r == resultExpired {
 		f.metrics.idsDropped.Add(uint64(len(waiters)))
 		f.guard.warn("lookups given up: no answer from the object service before received time + TTL",
@@ -245,6 +261,27 @@ func (f *fetcher) deliver(fl *flight, r result) {
 	for _, w := range waiters {
 		w.slot.Store(uint32(r))
 		w.wg.Done()
+	}
+}
+
+// saveOnline writes an online object's row and says what its waiters hear:
+// online once it is committed, expired when it could not be before the
+// TTL, aborted at shutdown (their callbacks stay in the journal). A panic
+// counts as aborted too, so the waiters are never stranded.
+func (f *fetcher) saveOnline(ctx context.Context, o objectRow) (r result) {
+	defer func() {
+		if p := recover(); p != nil {
+			f.guard.panicked("save online object", p)
+			r = resultAborted
+		}
+	}()
+	switch err := f.save(ctx, o); {
+	case err == nil:
+		return resultOnline
+	case errors.Is(err, errExpired):
+		return resultExpired
+	default:
+		return resultAborted
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -25,6 +26,44 @@ func resolveAll(f *fetcher, cbs ...*callback) {
 		}()
 	}
 	wg.Wait()
+}
+
+// fetchApp is the service for tests of the fetcher alone: with no writers
+// running, online objects are saved to saves instead of the table.
+func fetchApp(t testing.TB, cfg config, transport http.RoundTripper) *app {
+	t.Helper()
+	a := testApp(t, cfg, transport)
+	a.fetcher.save = (&savedRows{}).save
+	return a
+}
+
+// savedRows records the online objects a fetcher saves; err, when set, is
+// what each save returns.
+type savedRows struct {
+	mu   sync.Mutex
+	rows []objectRow
+	err  error
+	// before, when set, runs inside each save, before its waiters hear.
+	before func(objectRow)
+}
+
+func (s *savedRows) save(ctx context.Context, o objectRow) error {
+	if s.before != nil {
+		s.before(o)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.err != nil {
+		return s.err
+	}
+	s.rows = append(s.rows, o)
+	return nil
+}
+
+func (s *savedRows) all() []objectRow {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.rows)
 }
 
 // distinctCallbacks makes n callbacks of size ids each (size < 100), no id
@@ -56,7 +95,7 @@ func wantResults(t *testing.T, cb *callback) {
 
 func TestSemaphoreBoundsFetchesAcrossCallbacks(t *testing.T) {
 	up := newUpstream(t, 30*time.Millisecond, nil)
-	p := testApp(t, testConfig(t, "-upstream", up.URL, "-max-inflight", "4"), nil)
+	p := fetchApp(t, testConfig(t, "-upstream", up.URL, "-max-inflight", "4"), nil)
 	cbs := distinctCallbacks(5, 12)
 	resolveAll(p.fetcher, cbs...)
 	for _, cb := range cbs {
@@ -77,7 +116,7 @@ func TestCoalescing(t *testing.T) {
 	}{{"true", 1}, {"false", 10}} {
 		t.Run("coalesce="+tt.coalesce, func(t *testing.T) {
 			up := newUpstream(t, 300*time.Millisecond, nil)
-			p := testApp(t, testConfig(t, "-upstream", up.URL, "-coalesce="+tt.coalesce), nil)
+			p := fetchApp(t, testConfig(t, "-upstream", up.URL, "-coalesce="+tt.coalesce), nil)
 			var cbs []*callback
 			for range 10 {
 				cbs = append(cbs, newCallback(time.Now(), []int64{42, 43}))
@@ -91,6 +130,56 @@ func TestCoalescing(t *testing.T) {
 			}
 			if tt.coalesce == "true" && p.metrics.coalesced.Value() != 18 {
 				t.Errorf("coalesced lookups %d, want 18", p.metrics.coalesced.Value())
+			}
+		})
+	}
+}
+
+// An online answer is saved once per flight, at the latest receipt time of
+// the callbacks that share it, and before any of them hears it: a callback
+// whose every id has an answer has its rows in the table. What the save
+// returns is what the waiters hear.
+func TestOnlineAnswerIsSavedOnceBeforeItsWaitersHear(t *testing.T) {
+	t0 := at(time.Now())
+	tests := []struct {
+		name    string
+		err     error
+		want    result
+		dropped uint64
+	}{
+		{"committed", nil, resultOnline, 0},
+		{"past the TTL", errExpired, resultExpired, 3},
+		{"shutdown", context.Canceled, resultAborted, 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			up := newUpstream(t, 300*time.Millisecond, nil)
+			p := fetchApp(t, testConfig(t, "-upstream", up.URL), nil)
+			var cbs []*callback
+			for i := range 3 {
+				cbs = append(cbs, newCallback(t0.Add(time.Duration(i)*time.Millisecond), []int64{42, 43}))
+			}
+			saves := &savedRows{err: tt.err, before: func(objectRow) {
+				for _, cb := range cbs {
+					if cb.result(0) != resultPending {
+						t.Error("a waiter heard the answer before it was saved")
+					}
+				}
+			}}
+			p.fetcher.save = saves.save
+			resolveAll(p.fetcher, cbs...)
+			for _, cb := range cbs {
+				if cb.result(0) != tt.want || cb.result(1) != resultOffline {
+					t.Errorf("results %d, %d; want %d and offline", cb.result(0), cb.result(1), tt.want)
+				}
+			}
+			if tt.err == nil {
+				if got, want := saves.all(), []objectRow{{42, t0.Add(2 * time.Millisecond)}}; !slices.Equal(got, want) {
+					t.Errorf("saved %v, want %v: one row, at the latest receipt", got, want)
+				}
+			}
+			if got := p.metrics.idsDropped.Value(); got != tt.dropped {
+				t.Errorf("ids dropped %d, want %d", got, tt.dropped)
 			}
 		})
 	}
@@ -131,7 +220,7 @@ func TestFailedAttemptsAreRetried(t *testing.T) {
 				}
 				return false
 			})
-			p := testApp(t, testConfig(t, "-upstream", up.URL, "-fetch-timeout", "200ms"), nil)
+			p := fetchApp(t, testConfig(t, "-upstream", up.URL, "-fetch-timeout", "200ms"), nil)
 			cb := newCallback(time.Now(), []int64{6, 7})
 			resolveAll(p.fetcher, cb)
 			wantResults(t, cb)
@@ -153,7 +242,7 @@ func TestLookupGivesUpAtDeadline(t *testing.T) {
 		http.Error(w, "down", 503)
 		return true
 	})
-	p := testApp(t, testConfig(t, "-upstream", up.URL, "-ttl", "400ms"), nil)
+	p := fetchApp(t, testConfig(t, "-upstream", up.URL, "-ttl", "400ms"), nil)
 	cb := newCallback(time.Now(), []int64{1, 2})
 	start := time.Now()
 	resolveAll(p.fetcher, cb)
@@ -189,7 +278,7 @@ func (p *panicky) RoundTrip(r *http.Request) (*http.Response, error) {
 
 func TestPanicDuringFetchIsRetried(t *testing.T) {
 	up := newUpstream(t, 0, nil)
-	p := testApp(t, testConfig(t, "-upstream", up.URL), &panicky{next: http.DefaultTransport, target: "/objects/13"})
+	p := fetchApp(t, testConfig(t, "-upstream", up.URL), &panicky{next: http.DefaultTransport, target: "/objects/13"})
 	cb := newCallback(time.Now(), []int64{12, 13, 14})
 	resolveAll(p.fetcher, cb)
 	wantResults(t, cb)
@@ -224,7 +313,7 @@ func TestConnectionsNeverExceedFetchSlots(t *testing.T) {
 		return &countedConn{Conn: c, open: &open}, nil
 	}
 	cfg := testConfig(t, "-upstream", srv.URL, "-max-inflight", "64")
-	p := testApp(t, cfg, newTransport(cfg, dial))
+	p := fetchApp(t, cfg, newTransport(cfg, dial))
 	resolveAll(p.fetcher, distinctCallbacks(400, 40)...)
 	if got := peak.Load(); got > 64 {
 		t.Errorf("%d connections open at once, want at most the 64 fetch slots", got)

@@ -215,13 +215,9 @@ func (p *pipeline) start(cb *callback) {
 	go p.process(cb)
 }
 
-// earlyFlush is how long a callback's finished lookups wait for its slowest
-// one before they are written anyway, so that one hanging request does not
-// hold back the other rows of its callback.
-const earlyFlush = time.Second
-
-// process looks up every id of cb and applies the online ones; it returns
-// without forgetting cb when shutdown cut it short, so drain can park it.
+// process looks up every id of cb, which writes the online ones, then
+// deletes cb's journal row; it returns without forgetting cb when shutdown
+// cut it short, so drain can park it.
 func (p *pipeline) process(cb *callback) {
 	defer p.wg.Done()
 	defer func() {
@@ -230,32 +226,11 @@ func (p *pipeline) process(cb *callback) {
 			p.recoverCallback(cb)
 		}
 	}()
-	// The WaitGroup joins the callback's lookups; waiting on it in its own
-	// goroutine lets this one flush early results meanwhile.
+	// Every lookup ends, shutdown included: an aborted one is delivered as
+	// resultAborted, so this wait needs no context of its own.
 	var lookups sync.WaitGroup
 	p.fetcher.lookupAll(p.ctx, cb, &lookups)
-	done := make(chan struct{})
-	go func() {
-		defer p.guard.catch("wait for lookups")
-		lookups.Wait()
-		close(done)
-	}()
-	flush := time.NewTicker(earlyFlush)
-	defer flush.Stop()
-	for waiting := true; waiting; {
-		select {
-		case <-done:
-			waiting = false
-		case <-flush.C:
-			if rows := cb.takeOnline(); len(rows) > 0 {
-				if err := p.writer.flush(p.ctx, cb, rows); p.ctx.Err() != nil {
-					return
-				} else if err != nil && !errors.Is(err, errExpired) {
-					p.log.Warn("early flush failed", "journal_id", cb.journalID, "err", err)
-				}
-			}
-		}
-	}
+	lookups.Wait()
 	if p.ctx.Err() != nil {
 		return
 	}
@@ -268,7 +243,7 @@ func (p *pipeline) process(cb *callback) {
 	if cb.closeJournal(p.ctx) != nil {
 		return
 	}
-	switch err := p.writer.complete(p.ctx, cb, cb.takeOnline()); {
+	switch err := p.writer.complete(p.ctx, cb); {
 	case err == nil:
 		p.metrics.completion.Observe(time.Since(cb.receivedAt).Seconds())
 	case errors.Is(err, errExpired):

@@ -10,7 +10,8 @@ import (
 )
 
 // writer batches the callback path's writes: journal rows before the answer,
-// upserts after the lookups. Writer goroutines take whatever is queued, so
+// online objects as their lookups end, journal deletes once a callback's
+// objects are all in. Writer goroutines take whatever is queued, so
 // many callbacks share one round trip and one commit (group commit), which is
 // what lets the journal keep up with thousands of callbacks per second. The
 // rules of retry and expiry live here; the SQL is the store's.
@@ -31,7 +32,7 @@ type writer struct {
 // Writers and their tuning.
 const (
 	journalWriters = 2 // goroutines writing journal rows, each with its own connection
-	applyWriters   = 2 // goroutines applying finished callbacks
+	applyWriters   = 2 // goroutines writing online objects and deleting finished callbacks' rows
 	// queueSize bounds the requests waiting for a writer; a full journal
 	// queue makes callbacks wait, up to -journal-timeout.
 	queueSize = 1024
@@ -52,12 +53,22 @@ const (
 	applyRetryMax   = 2 * time.Second
 )
 
-// writeReq is one callback waiting for a writer goroutine.
+// writeReq is one write waiting for a writer goroutine: a callback's
+// journal row to insert (journal), or for the apply writer either an online
+// object to upsert or a finished callback whose journal row goes.
 type writeReq struct {
-	cb        *callback
-	online    []int64    // apply: the ids to upsert at cb.receivedAt
-	completes bool       // apply: also delete cb's journal row
-	done      chan error // buffered: the writer never blocks on a caller that gave up
+	cb     *callback  // journal, and apply's journal delete
+	object objectRow  // apply's upsert, when cb is nil
+	done   chan error // buffered: the writer never blocks on a caller that gave up
+}
+
+// receivedAt is when the write's callback arrived: past it + TTL the write
+// is pointless.
+func (r *writeReq) receivedAt() time.Time {
+	if r.cb != nil {
+		return r.cb.receivedAt
+	}
+	return r.object.lastSeen
 }
 
 func newWriter(cfg config, s *store, db *database, m *metrics, g *guard) *writer {
@@ -99,16 +110,16 @@ func (w *writer) journal(ctx context.Context, cb *callback) {
 	}
 }
 
-// flush upserts online, ids of cb found so far, at cb's receipt time; the
-// journal row stays. complete upserts the last of them and deletes the
-// journal row in the same statement. Both retry through database outages
-// until the callback expires (errExpired).
-func (w *writer) flush(ctx context.Context, cb *callback, online []int64) error {
-	return w.apply(ctx, &writeReq{cb: cb, online: online})
+// upsert writes an online object at its callbacks' latest receipt time;
+// complete deletes the journal row of a callback whose objects are all
+// written. Both retry through database outages until the callback expires
+// (errExpired).
+func (w *writer) upsert(ctx context.Context, o objectRow) error {
+	return w.apply(ctx, &writeReq{object: o})
 }
 
-func (w *writer) complete(ctx context.Context, cb *callback, online []int64) error {
-	return w.apply(ctx, &writeReq{cb: cb, online: online, completes: true})
+func (w *writer) complete(ctx context.Context, cb *callback) error {
+	return w.apply(ctx, &writeReq{cb: cb})
 }
 
 func (w *writer) apply(ctx context.Context, r *writeReq) error {
@@ -248,7 +259,7 @@ func (w *writer) runApplyWriter(ctx context.Context) {
 		}
 		batch := pending[:min(len(pending), applyBatch)]
 		if err := w.applyBatch(ctx, batch); err != nil {
-			w.guard.warn("apply failed; will retry", "callbacks", len(pending), "err", err)
+			w.guard.warn("apply failed; will retry", "writes", len(pending), "err", err)
 			pending = w.dropExpired(pending)
 			if !sleep(ctx, jitter(backoff)) {
 				continue // the next round answers everything with errAborted
@@ -268,8 +279,8 @@ func (w *writer) dropExpired(pending []*writeReq) []*writeReq {
 	cutoff := time.Now().Add(-w.ttl)
 	kept := pending[:0]
 	for _, r := range pending {
-		if r.cb.receivedAt.Before(cutoff) {
-			if r.completes {
+		if r.receivedAt().Before(cutoff) {
+			if r.cb != nil {
 				w.metrics.callbacksExpired.Inc()
 			}
 			r.done <- errExpired
@@ -281,9 +292,9 @@ func (w *writer) dropExpired(pending []*writeReq) []*writeReq {
 }
 
 // applyBatch upserts the online objects of a batch of apply requests and
-// deletes the journal rows of the completing ones, in one statement, and
-// answers each request. Objects of callbacks older than the TTL are left out
-// (the reaper would delete them at once) but their journal rows go.
+// deletes the journal rows of the finished callbacks, in one statement, and
+// answers each request. Objects last seen before the TTL are left out (the
+// reaper would delete them at once) but journal rows go whatever their age.
 func (w *writer) applyBatch(ctx context.Context, batch []*writeReq) error {
 	cutoff := time.Now().Add(-w.ttl)
 	var done []int64
@@ -292,18 +303,16 @@ func (w *writer) applyBatch(ctx context.Context, batch []*writeReq) error {
 	rows := (*buf)[:0]
 	defer func() { *buf = rows[:0] }()
 	for _, r := range batch {
-		if r.completes {
+		switch {
+		case r.cb != nil:
 			done = append(done, r.cb.journalID)
-		}
-		if r.cb.receivedAt.Before(cutoff) {
-			continue
-		}
-		for _, id := range r.online {
-			rows = append(rows, objectRow{id, r.cb.receivedAt})
+		case !r.object.lastSeen.Before(cutoff):
+			rows = append(rows, r.object)
 		}
 	}
-	// One statement must not name an id twice: sort by id, latest time
-	// first, and keep the first of each.
+	// One statement must not name an id twice (two flights of one id can
+	// end close together): sort by id, latest time first, and keep the
+	// first of each.
 	slices.SortFunc(rows, func(a, b objectRow) int {
 		if c := cmp.Compare(a.id, b.id); c != 0 {
 			return c
@@ -317,26 +326,25 @@ func (w *writer) applyBatch(ctx context.Context, batch []*writeReq) error {
 	}
 	w.metrics.rowsUpserted.Add(uint64(upserted))
 	for _, r := range batch {
-		if !r.cb.receivedAt.Before(cutoff) {
-			if r.completes {
+		expired := r.receivedAt().Before(cutoff)
+		if r.cb != nil {
+			if expired {
+				w.metrics.callbacksExpired.Inc()
+			} else {
 				w.metrics.callbacksApplied.Inc()
 			}
-			r.done <- nil
+		}
+		if expired {
+			r.done <- errExpired
 			continue
 		}
-		w.metrics.idsDropped.Add(uint64(len(r.online)))
-		if r.completes {
-			w.metrics.callbacksExpired.Inc()
-		}
-		r.done <- errExpired
+		r.done <- nil
 	}
 	return nil
 }
 
-// rowBuffers holds the buffers apply batches gather their rows in: a batch
-// of duplicate-heavy callbacks names thousands of rows that come down to a
-// hundred ids, and growing a fresh slice for each batch was a fifth of the
-// service's allocations.
+// rowBuffers holds the buffers apply batches gather their rows in, so that
+// a batch does not grow a fresh slice each time.
 var rowBuffers = sync.Pool{New: func() any { return new([]objectRow) }}
 
 // jitter spreads retries over [d/2, d) so that writers that failed together
