@@ -109,10 +109,11 @@ func BenchmarkApply(b *testing.B) {
 				b.ReportAllocs()
 				for b.Loop() {
 					now := time.Now().Truncate(time.Microsecond)
-					batch := make([]*writeReq, rows)
-					for i := range batch {
-						batch[i] = &writeReq{object: objectRow{rand.Int64N(2 * int64(table)), now}, done: make(chan error, 1)}
+					objects := make([]objectRow, rows)
+					for i := range objects {
+						objects[i] = objectRow{rand.Int64N(2 * int64(table)), now}
 					}
+					batch := []*writeReq{{objects: objects, newest: now, done: make(chan error, 1)}}
 					if err := p.writer.applyBatch(context.Background(), batch); err != nil {
 						b.Fatal(err)
 					}

@@ -48,9 +48,16 @@ type fetcher struct {
 	upstream *upstreamHealth
 	fd       *fdGuard
 
-	// save upserts an online object and returns once it is committed, or
-	// with errExpired past its TTL, or ctx's error (the writer's upsert).
-	save func(ctx context.Context, o objectRow) error
+	// save upserts online objects and returns once they are committed, or
+	// with errExpired when all are past the TTL, or ctx's error (the
+	// writer's upsert).
+	save func(ctx context.Context, rows []objectRow) error
+	// Online answers waiting for save, written by one goroutine at a time
+	// (started on demand) in batches: while the database is down they wait
+	// here, a few words each, rather than as blocked fetch goroutines.
+	smu    sync.Mutex
+	toSave []pendingSave
+	saving bool
 
 	mu      sync.Mutex
 	flights map[int64]*flight
@@ -82,7 +89,7 @@ const (
 
 // newFetcher builds the fetcher, which saves online objects through save.
 // A nil transport means the tuned default.
-func newFetcher(cfg config, transport http.RoundTripper, save func(context.Context, objectRow) error, log *slog.Logger, m *metrics, g *guard) *fetcher {
+func newFetcher(cfg config, transport http.RoundTripper, save func(context.Context, []objectRow) error, log *slog.Logger, m *metrics, g *guard) *fetcher {
 	if transport == nil {
 		dialer := &net.Dialer{Timeout: dialTimeout, KeepAlive: tcpKeepAlive}
 		transport = newTransport(cfg, dialer.DialContext)
@@ -239,10 +246,10 @@ func (f *fetcher) fetch(ctx context.Context, fl *flight) {
 	}
 }
 
-// deliver hands the outcome to every waiter of fl. Taking fl out of the map
-// under the lock first means no waiter can join after the answer is out, so
-// an online answer is saved at the latest receipt time of exactly the
-// waiters that hear it, and before they hear it.
+// deliver hands the outcome to every waiter of fl; an online one is saved
+// first. Taking fl out of the map under the lock first means no waiter can
+// join after the answer is out, so the row is saved at the latest receipt
+// time of exactly the waiters that hear it.
 func (f *fetcher) deliver(ctx context.Context, fl *flight, r result) {
 	f.mu.Lock()
 	if f.coalesce && f.flights[fl.id] == fl {
@@ -250,32 +257,100 @@ func (f *fetcher) deliver(ctx context.Context, fl *flight, r result) {
 	}
 	waiters, latest := fl.waiters, fl.latest
 	f.mu.Unlock()
-	if r == resultOnline {
-		r = f.saveOnline(ctx, objectRow{fl.id, latest})
+	switch r {
+	case resultOnline:
+		f.queueSave(ctx, pendingSave{objectRow{fl.id, latest}, waiters})
+		return
+	case resultExpired:
+		f.dropped(len(waiters), "lookups given up: no answer from the object service before received time + TTL", "object_service", f.upstream.url)
 	}
-	if r == resultExpired {
-		f.metrics.idsDropped.Add(uint64(len(waiters)))
-		f.guard.warn("lookups given up: no answer from the object service before received time + TTL",
-			"ids", len(waiters), "ids_dropped_total", f.metrics.idsDropped.Value(), "object_service", f.upstream.url)
-	}
+	f.hand(waiters, r)
+}
+
+// dropped counts and logs (rate-limited) ids whose lookups expired.
+func (f *fetcher) dropped(n int, msg string, args ...any) {
+	f.metrics.idsDropped.Add(uint64(n))
+	f.guard.warn(msg, append([]any{"ids", n, "ids_dropped_total", f.metrics.idsDropped.Value()}, args...)...)
+}
+
+// hand tells waiters the result of their lookup.
+func (f *fetcher) hand(waiters []waiter, r result) {
 	for _, w := range waiters {
 		w.slot.Store(uint32(r))
 		w.wg.Done()
 	}
 }
 
-// saveOnline writes an online object's row and says what its waiters hear:
-// online once it is committed, expired when it could not be before the
-// TTL, aborted at shutdown (their callbacks stay in the journal). A panic
-// counts as aborted too, so the waiters are never stranded.
-func (f *fetcher) saveOnline(ctx context.Context, o objectRow) (r result) {
+// pendingSave is an online answer waiting to be written, with the waiters
+// that hear it once it is.
+type pendingSave struct {
+	row     objectRow
+	waiters []waiter
+}
+
+// queueSave queues an online answer and starts the saving goroutine unless
+// it is running.
+func (f *fetcher) queueSave(ctx context.Context, s pendingSave) {
+	f.smu.Lock()
+	f.toSave = append(f.toSave, s)
+	start := !f.saving
+	f.saving = true
+	f.smu.Unlock()
+	if start {
+		go f.saveQueued(ctx)
+	}
+}
+
+// saveQueued writes what is queued, in one request per round, until the
+// queue is empty. Rows already past the TTL are not written: the reaper
+// would delete them at once.
+func (f *fetcher) saveQueued(ctx context.Context) {
+	for {
+		f.smu.Lock()
+		batch := f.toSave
+		f.toSave = nil
+		if len(batch) == 0 {
+			f.saving = false
+			f.smu.Unlock()
+			return
+		}
+		f.smu.Unlock()
+		cutoff := time.Now().Add(-f.ttl)
+		rows := make([]objectRow, 0, len(batch))
+		for _, s := range batch {
+			if !s.row.lastSeen.Before(cutoff) {
+				rows = append(rows, s.row)
+			}
+		}
+		r := f.saveRows(ctx, rows)
+		for _, s := range batch {
+			r := r
+			if s.row.lastSeen.Before(cutoff) {
+				r = resultExpired
+			}
+			if r == resultExpired {
+				f.dropped(len(s.waiters), "online objects not written: answered or committed after received time + TTL")
+			}
+			f.hand(s.waiters, r)
+		}
+	}
+}
+
+// saveRows writes rows and says what their waiters hear: online once they
+// are committed, expired when they could not be before the TTL, aborted at
+// shutdown (their callbacks stay in the journal). A panic counts as
+// aborted too, so that no waiter is ever stranded.
+func (f *fetcher) saveRows(ctx context.Context, rows []objectRow) (r result) {
+	if len(rows) == 0 {
+		return resultOnline
+	}
 	defer func() {
 		if p := recover(); p != nil {
-			f.guard.panicked("save online object", p)
+			f.guard.panicked("save online objects", p)
 			r = resultAborted
 		}
 	}()
-	switch err := f.save(ctx, o); {
+	switch err := f.save(ctx, rows); {
 	case err == nil:
 		return resultOnline
 	case errors.Is(err, errExpired):

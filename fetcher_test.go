@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"runtime"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -44,19 +45,21 @@ type savedRows struct {
 	rows []objectRow
 	err  error
 	// before, when set, runs inside each save, before its waiters hear.
-	before func(objectRow)
+	before func(rows []objectRow)
+	calls  int
 }
 
-func (s *savedRows) save(ctx context.Context, o objectRow) error {
+func (s *savedRows) save(ctx context.Context, rows []objectRow) error {
 	if s.before != nil {
-		s.before(o)
+		s.before(rows)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.calls++
 	if s.err != nil {
 		return s.err
 	}
-	s.rows = append(s.rows, o)
+	s.rows = append(s.rows, rows...)
 	return nil
 }
 
@@ -159,7 +162,7 @@ func TestOnlineAnswerIsSavedOnceBeforeItsWaitersHear(t *testing.T) {
 			for i := range 3 {
 				cbs = append(cbs, newCallback(t0.Add(time.Duration(i)*time.Millisecond), []int64{42, 43}))
 			}
-			saves := &savedRows{err: tt.err, before: func(objectRow) {
+			saves := &savedRows{err: tt.err, before: func([]objectRow) {
 				for _, cb := range cbs {
 					if cb.result(0) != resultPending {
 						t.Error("a waiter heard the answer before it was saved")
@@ -182,6 +185,63 @@ func TestOnlineAnswerIsSavedOnceBeforeItsWaitersHear(t *testing.T) {
 				t.Errorf("ids dropped %d, want %d", got, tt.dropped)
 			}
 		})
+	}
+}
+
+// While saving stalls (the database is down), online answers wait in the
+// queue, not as blocked fetch goroutines, and once it returns one more save
+// carries all that queued meanwhile.
+func TestStalledSavesQueueWithoutGoroutines(t *testing.T) {
+	up := newUpstream(t, 0, nil)
+	// Few slots, so few connections and the goroutines that serve them.
+	p := fetchApp(t, testConfig(t, "-upstream", up.URL, "-max-inflight", "8"), nil)
+	release := make(chan struct{})
+	var stalled atomic.Int64
+	saves := &savedRows{before: func(rows []objectRow) {
+		if stalled.CompareAndSwap(0, int64(len(rows))) {
+			<-release
+		}
+	}}
+	p.fetcher.save = saves.save
+	before := runtime.NumGoroutine()
+	cbs := distinctCallbacks(20, 50) // 500 online ids, none shared
+	done := make(chan struct{})
+	go func() {
+		resolveAll(p.fetcher, cbs...)
+		close(done)
+	}()
+	eventually(t, 10*time.Second, "every online answer stalled or queued", func() bool {
+		p.fetcher.smu.Lock()
+		defer p.fetcher.smu.Unlock()
+		return stalled.Load()+int64(len(p.fetcher.toSave)) == 500
+	})
+	if n := runtime.NumGoroutine() - before; n > 100 {
+		t.Errorf("%d more goroutines while 500 answers wait to be saved, want under 100", n)
+	}
+	close(release)
+	<-done
+	for _, cb := range cbs {
+		wantResults(t, cb)
+	}
+	if got := len(saves.all()); got != 500 || saves.calls != 2 {
+		t.Errorf("%d rows saved in %d calls, want 500 in 2", got, saves.calls)
+	}
+}
+
+// An online answer that comes after its waiters' TTL is not written: the
+// reaper would delete the row at once.
+func TestLateOnlineAnswerIsNotSaved(t *testing.T) {
+	up := newUpstream(t, 600*time.Millisecond, nil)
+	p := fetchApp(t, testConfig(t, "-upstream", up.URL, "-ttl", "400ms", "-fetch-timeout", "2s"), nil)
+	saves := &savedRows{}
+	p.fetcher.save = saves.save
+	cb := newCallback(time.Now(), []int64{2})
+	resolveAll(p.fetcher, cb)
+	if r := cb.result(0); r != resultExpired || len(saves.all()) != 0 {
+		t.Errorf("result %d with %d rows saved, want expired and none", r, len(saves.all()))
+	}
+	if got := p.metrics.idsDropped.Value(); got != 1 {
+		t.Errorf("ids dropped %d, want 1", got)
 	}
 }
 

@@ -57,18 +57,19 @@ const (
 // journal row to insert (journal), or for the apply writer either an online
 // object to upsert or a finished callback whose journal row goes.
 type writeReq struct {
-	cb     *callback  // journal, and apply's journal delete
-	object objectRow  // apply's upsert, when cb is nil
-	done   chan error // buffered: the writer never blocks on a caller that gave up
+	cb      *callback   // journal, and apply's journal delete
+	objects []objectRow // apply's upsert, when cb is nil
+	newest  time.Time   // the latest last_seen of objects
+	done    chan error  // buffered: the writer never blocks on a caller that gave up
 }
 
-// receivedAt is when the write's callback arrived: past it + TTL the write
-// is pointless.
+// receivedAt is when the write's newest callback arrived: past it + TTL the
+// write is pointless.
 func (r *writeReq) receivedAt() time.Time {
 	if r.cb != nil {
 		return r.cb.receivedAt
 	}
-	return r.object.lastSeen
+	return r.newest
 }
 
 func newWriter(cfg config, s *store, db *database, m *metrics, g *guard) *writer {
@@ -110,12 +111,18 @@ func (w *writer) journal(ctx context.Context, cb *callback) {
 	}
 }
 
-// upsert writes an online object at its callbacks' latest receipt time;
-// complete deletes the journal row of a callback whose objects are all
-// written. Both retry through database outages until the callback expires
-// (errExpired).
-func (w *writer) upsert(ctx context.Context, o objectRow) error {
-	return w.apply(ctx, &writeReq{object: o})
+// upsert writes online objects, each at its callbacks' latest receipt
+// time; complete deletes the journal row of a callback whose objects are
+// all written. Both retry through database outages until the callback
+// expires (errExpired; for upsert, the newest of them).
+func (w *writer) upsert(ctx context.Context, objects []objectRow) error {
+	r := &writeReq{objects: objects}
+	for _, o := range objects {
+		if o.lastSeen.After(r.newest) {
+			r.newest = o.lastSeen
+		}
+	}
+	return w.apply(ctx, r)
 }
 
 func (w *writer) complete(ctx context.Context, cb *callback) error {
@@ -303,11 +310,13 @@ func (w *writer) applyBatch(ctx context.Context, batch []*writeReq) error {
 	rows := (*buf)[:0]
 	defer func() { *buf = rows[:0] }()
 	for _, r := range batch {
-		switch {
-		case r.cb != nil:
+		if r.cb != nil {
 			done = append(done, r.cb.journalID)
-		case !r.object.lastSeen.Before(cutoff):
-			rows = append(rows, r.object)
+		}
+		for _, o := range r.objects {
+			if !o.lastSeen.Before(cutoff) {
+				rows = append(rows, o)
+			}
 		}
 	}
 	// One statement must not name an id twice (two flights of one id can

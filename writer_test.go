@@ -25,7 +25,7 @@ func applyNow(t *testing.T, w *writer, reqs ...*writeReq) []error {
 }
 
 func upsertReq(id int64, lastSeen time.Time) *writeReq {
-	return &writeReq{object: objectRow{id, at(lastSeen)}}
+	return &writeReq{objects: []objectRow{{id, at(lastSeen)}}, newest: at(lastSeen)}
 }
 
 func TestApplyKeepsLatestTime(t *testing.T) {
