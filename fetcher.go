@@ -303,8 +303,10 @@ func (f *fetcher) queueSave(ctx context.Context, s pendingSave) {
 
 // saveQueued writes what is queued, in one request per round, until the
 // queue is empty. Rows already past the TTL are not written: the reaper
-// would delete them at once.
+// would delete them at once. (The write, the one call that could panic, is
+// recovered in saveRows, so the queue is never left without its goroutine.)
 func (f *fetcher) saveQueued(ctx context.Context) {
+	defer f.guard.catch("save online objects")
 	for {
 		f.smu.Lock()
 		batch := f.toSave
