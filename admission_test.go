@@ -29,7 +29,7 @@ func TestAdmissionShedsOnlyNewIDsPastTheBound(t *testing.T) {
 			f := newFetcher(cfg, instantObjects{}, (&savedRows{}).save, discardLogger(), m, &guard{log: discardLogger(), metrics: m})
 			f.slots.setLimit(100)
 			f.meter.observe(time.Second)
-			l := newFetchLimiter(f.slots, &f.meter, &f.waiting, time.Second, nil, m)
+			l := newFetchLimiter(f.slots, &f.meter, &f.waiting, nil, m)
 			a := newAdmission(cfg, f, l, m)
 			f.waiting.Store(tt.waiting)
 			err := a.check(tt.newIDs)

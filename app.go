@@ -47,7 +47,7 @@ func newApp(cfg config, log *slog.Logger, transport http.RoundTripper) (*app, er
 	a.store = newStore(db, m)
 	a.writer = newWriter(cfg, a.store, db, m, g)
 	a.fetcher = newFetcher(cfg, transport, a.writer.upsert, log, m, g)
-	a.limiter = newFetchLimiter(a.fetcher.slots, &a.fetcher.meter, &a.fetcher.waiting, cfg.journalTimeout/journalTargetShare, a.writer.lag.take, m)
+	a.limiter = newFetchLimiter(a.fetcher.slots, &a.fetcher.meter, &a.fetcher.waiting, a.writer.lag.take, m)
 	a.answers = newAnswerLimiter(cfg.journalTimeout/answerTargetShare, m)
 	a.pipe = newPipeline(cfg, a.fetcher, a.writer, newAdmission(cfg, a.fetcher, a.limiter, m), db, log, m, g)
 	a.keeper = newJournalKeeper(cfg, a.store, db, a.pipe, log, m, g)

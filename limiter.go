@@ -88,46 +88,66 @@ const (
 	// minLimit keeps fetching going however slow the journal is: fetches
 	// must go on, or accepted callbacks would expire.
 	minLimit = 64
-	// limitCooldown is how long a decrease is given to show before the
-	// next one: fetches take 0.3-4 s, so in-flight work drains slowly, and
-	// cutting again every tick would drive the limit to the floor.
+	// limitCooldown is how long the answer limiter gives a decrease to show
+	// before the next one.
 	limitCooldown = time.Second
+	// fetchCutCooldown is the same for fetches, which take 0.3-4 s: a cut
+	// shows only as fetches in flight finish, and cutting again before it
+	// has would drive the limit far below what the machine sustains.
+	fetchCutCooldown = 2 * time.Second
+	// lagWindow is how many ticks of journal commits the controller judges
+	// at once: a tick holds only a few commits under a unique-id load.
+	lagWindow = 10
+	// maxStep bounds the growth per tick: each slot added starts a fetch at
+	// once, and a burst of thousands takes the CPU the journal needs.
+	maxStep = 256
+	// probeStep is the growth per tick within probeAfter of a cut, while
+	// the limit is near what the machine sustains: a cut shows only after
+	// fetches in flight finish, so fast growth would overshoot again first.
+	probeStep  = 64
+	probeAfter = 10 * time.Second
 	// journalTargetShare: the limiter keeps journal commits under this
 	// fraction of -journal-timeout, leaving the rest as headroom for a spike.
-	journalTargetShare = 4
+	journalTargetShare = 2
 )
 
-// lagMeter measures how far behind the journal is: the slowest commit
-// since the last look (receipt to commit), or the age of the oldest callback
-// still being written if that is more (a stalled write commits nothing to
-// report). Journal writer n calls begin and end around each batch.
+// lagMeter measures how far behind the journal is: how many batches
+// committed since the last look and how many of them took longer than
+// target from the receipt of their oldest callback. A write in progress for
+// longer than target counts as one more slow commit: a stalled write
+// commits nothing to report. Journal writer n calls begin and end around
+// each batch.
 type lagMeter struct {
-	slowest atomic.Int64                 // ns
+	target  time.Duration
+	commits atomic.Int64
+	slow    atomic.Int64
 	writing [journalWriters]atomic.Int64 // receipt of the oldest callback being written, unix ns; 0 when idle
 }
+
+// lagSample is what the lag meter saw in one look.
+type lagSample struct{ commits, slow int64 }
 
 func (m *lagMeter) begin(n int, oldest time.Time) { m.writing[n].Store(oldest.UnixNano()) }
 
 func (m *lagMeter) end(n int, took time.Duration) {
 	m.writing[n].Store(0)
-	for {
-		cur := m.slowest.Load()
-		if int64(took) <= cur || m.slowest.CompareAndSwap(cur, int64(took)) {
-			return
-		}
+	m.commits.Add(1)
+	if took > m.target {
+		m.slow.Add(1)
 	}
 }
 
-// take returns the lag and starts a new look.
-func (m *lagMeter) take() time.Duration {
-	lag := time.Duration(m.slowest.Swap(0))
+// take returns what was seen since the last call.
+func (m *lagMeter) take() lagSample {
+	s := lagSample{commits: m.commits.Swap(0), slow: m.slow.Swap(0)}
 	now := time.Now().UnixNano()
 	for i := range m.writing {
-		if since := m.writing[i].Load(); since != 0 {
-			lag = max(lag, time.Duration(now-since))
+		if since := m.writing[i].Load(); since != 0 && time.Duration(now-since) > m.target {
+			s.commits++
+			s.slow++
 		}
 	}
-	return lag
+	return s
 }
 
 // fetchMeter measures the fetch path for admission: how long an attempt
@@ -186,25 +206,35 @@ func (m *fetchMeter) capacity(limit int) float64 {
 // fetchLimiter adapts the fetch concurrency to what the machine sustains,
 // with the journal's commit latency as the signal. The Go scheduler has no
 // priorities: thousands of runnable fetch goroutines delay the goroutines
-// that write a callback's journal row and answer it. When the slowest
-// journal commit of the last tick took longer than target, the limit drops
-// to three quarters of the fetches in flight (multiplicative decrease, at
-// most once per cooldown); while commits take under half the target and the
-// limit is nearly used up, it grows by a sixteenth per tick, or a quarter
-// while ids wait for slots. Fetches wait in the TTL's slack; answers cannot.
+// that write a callback's journal row and answer it. Fetches wait in the
+// TTL's slack; answers cannot. Judged over the last lagWindow ticks:
+//   - when more than one commit in slowShare took longer than the target
+//     (and more than one: a checkpoint's fsync or a collector pause slows a
+//     single commit), the limit drops to three quarters of the fetches in
+//     flight (multiplicative decrease);
+//   - when none did and the limit is nearly used up, it grows by a
+//     sixteenth per tick, or a quarter while ids wait for slots (a start, a
+//     surge), never by more than maxStep, and by probeStep at most within
+//     probeAfter of a cut.
+//
+// A cut shows only as the fetches in flight finish, so for fetchCutCooldown
+// after one the limit neither drops nor grows. Past capacity the limit
+// settles just under the fetch rate that slows the journal, and admission
+// sheds what that rate cannot fetch in time.
 type fetchLimiter struct {
 	slots   *fetchSlots
 	meter   *fetchMeter
-	waiting *atomic.Int64        // ids waiting for a slot
-	target  time.Duration        // journal lag the limiter keeps under
-	lag     func() time.Duration // slowest journal commit since the last call
+	waiting *atomic.Int64    // ids waiting for a slot
+	lag     func() lagSample // journal commits since the last call
 	metrics *metrics
+	window  [lagWindow]lagSample // the last ticks' samples, a ring
+	tick    int
 	lastCut time.Time
 }
 
-func newFetchLimiter(slots *fetchSlots, meter *fetchMeter, waiting *atomic.Int64, target time.Duration, lag func() time.Duration, m *metrics) *fetchLimiter {
+func newFetchLimiter(slots *fetchSlots, meter *fetchMeter, waiting *atomic.Int64, lag func() lagSample, m *metrics) *fetchLimiter {
 	m.fetchLimit.Set(int64(slots.limit()))
-	return &fetchLimiter{slots: slots, meter: meter, waiting: waiting, target: target, lag: lag, metrics: m}
+	return &fetchLimiter{slots: slots, meter: meter, waiting: waiting, lag: lag, metrics: m}
 }
 
 func (l *fetchLimiter) run(ctx context.Context) {
@@ -217,23 +247,32 @@ func (l *fetchLimiter) run(ctx context.Context) {
 // rate is the fetch capacity now, in attempts per second.
 func (l *fetchLimiter) rate() float64 { return l.meter.capacity(l.slots.limit()) }
 
-// adjust applies one tick's worth of signal to the limit.
-func (l *fetchLimiter) adjust(now time.Time, lag time.Duration) {
+// adjust applies one tick's sample to the limit.
+func (l *fetchLimiter) adjust(now time.Time, s lagSample) {
+	l.window[l.tick%lagWindow] = s
+	l.tick++
+	var seen lagSample
+	for _, w := range l.window {
+		seen.commits += w.commits
+		seen.slow += w.slow
+	}
 	limit, inUse := l.slots.limit(), l.slots.inUse()
 	hardCap := cap(l.slots.sem)
 	next := limit
 	switch {
-	case lag > l.target:
-		if now.Sub(l.lastCut) >= limitCooldown {
-			next = max(min(minLimit, hardCap), min(limit, inUse)*3/4)
-			l.lastCut = now
-		}
-	case lag <= l.target/2 && inUse >= limit*7/8:
+	case now.Sub(l.lastCut) < fetchCutCooldown:
+	case seen.slow > 1 && seen.slow*slowShare > seen.commits:
+		next = max(min(minLimit, hardCap), min(limit, inUse)*3/4)
+		l.lastCut = now
+	case seen.slow == 0 && inUse >= limit*7/8:
 		step := limit / 16
 		if l.waiting.Load() > 0 {
 			step = limit / 4
 		}
-		next = min(hardCap, limit+max(1, step))
+		if now.Sub(l.lastCut) < probeAfter {
+			step = min(step, probeStep)
+		}
+		next = min(hardCap, limit+max(1, min(step, maxStep)))
 	}
 	if next != limit {
 		l.slots.setLimit(next)

@@ -43,30 +43,42 @@ func TestFetchSlotsLimitInForce(t *testing.T) {
 	}
 }
 
+// limiterAt is a fetch limiter over a hard cap of 4096 slots with limit
+// set and inUse of them taken.
+func limiterAt(t *testing.T, limit, inUse int, waiting int64) (*fetchLimiter, *fetchSlots) {
+	t.Helper()
+	s := newFetchSlots(4096, limit)
+	for range inUse {
+		s.acquire(context.Background())
+	}
+	w := new(atomic.Int64)
+	w.Store(waiting)
+	return newFetchLimiter(s, &fetchMeter{}, w, nil, newMetrics()), s
+}
+
 func TestFetchLimiterAdjusts(t *testing.T) {
-	const target = 50 * time.Millisecond
 	tests := []struct {
 		name         string
 		limit, inUse int
-		lag          time.Duration
+		waiting      int64
+		sample       lagSample
 		want         int
 	}{
-		{"slow journal cuts to 3/4 of the fetches in flight", 800, 800, 200 * time.Millisecond, 600},
-		{"slow journal with the limit mostly unused", 800, 400, 200 * time.Millisecond, 300},
-		{"never below the floor", 80, 80, time.Second, minLimit},
-		{"fast journal and the limit used: grow by a sixteenth", 800, 790, 10 * time.Millisecond, 850},
-		{"journal near the target: hold", 800, 790, 40 * time.Millisecond, 800},
-		{"fast journal and the limit unused: stay", 800, 100, 10 * time.Millisecond, 800},
-		{"never above the hard cap", 1000, 1000, 0, 1024},
+		{"slow journal cuts to 3/4 of the fetches in flight", 800, 800, 0, lagSample{40, 4}, 600},
+		{"slow journal with the limit mostly unused", 800, 400, 0, lagSample{40, 4}, 300},
+		{"never below the floor", 80, 80, 0, lagSample{10, 10}, minLimit},
+		{"one slow commit is noise: hold", 800, 790, 0, lagSample{3, 1}, 800},
+		{"a few slow commits among many: hold", 800, 790, 0, lagSample{100, 4}, 800},
+		{"fast journal and the limit used: grow by a sixteenth", 800, 790, 0, lagSample{40, 0}, 850},
+		{"ids waiting: grow by a quarter, at most maxStep", 2000, 1990, 10, lagSample{40, 0}, 2000 + maxStep},
+		{"ids waiting, small limit: grow by a quarter", 200, 190, 10, lagSample{40, 0}, 250},
+		{"fast journal and the limit unused: stay", 800, 100, 0, lagSample{40, 0}, 800},
+		{"never above the hard cap", 4000, 4000, 0, lagSample{}, 4096},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			s := newFetchSlots(1024, tt.limit)
-			for range tt.inUse {
-				s.acquire(context.Background())
-			}
-			l := newFetchLimiter(s, &fetchMeter{}, new(atomic.Int64), target, nil, newMetrics())
-			l.adjust(time.Now(), tt.lag)
+			l, s := limiterAt(t, tt.limit, tt.inUse, tt.waiting)
+			l.adjust(time.Now(), tt.sample)
 			if got := s.limit(); got != tt.want {
 				t.Errorf("limit %d, want %d", got, tt.want)
 			}
@@ -77,22 +89,55 @@ func TestFetchLimiterAdjusts(t *testing.T) {
 	}
 }
 
-// After a cut the limiter waits for in-flight fetches to drain before it
-// cuts again, instead of driving the limit to the floor in a few ticks.
-func TestFetchLimiterCutsOncePerCooldown(t *testing.T) {
-	s := newFetchSlots(1024, 1000)
-	for range 1000 {
-		s.acquire(context.Background())
-	}
-	l := newFetchLimiter(s, &fetchMeter{}, new(atomic.Int64), 50*time.Millisecond, nil, newMetrics())
+// The controller judges a window of ticks: slow commits spread over
+// several ticks count together, and a slow spell is remembered for the
+// window after it, so the limit does not grow straight back.
+func TestFetchLimiterJudgesAWindow(t *testing.T) {
+	l, s := limiterAt(t, 800, 800, 0)
 	now := time.Now()
-	l.adjust(now, time.Second)
-	l.adjust(now.Add(limitTick), time.Second)
+	l.adjust(now, lagSample{10, 1})
+	l.adjust(now.Add(limitTick), lagSample{10, 0})
+	if got := s.limit(); got != 800 {
+		t.Fatalf("limit %d after one slow commit, want 800", got)
+	}
+	l.adjust(now.Add(2*limitTick), lagSample{10, 1})
+	if got := s.limit(); got != 600 {
+		t.Fatalf("limit %d after two slow commits of 30 in the window, want 600", got)
+	}
+	for i := range lagWindow - 1 {
+		l.adjust(now.Add(fetchCutCooldown+time.Duration(i)*limitTick), lagSample{10, 0})
+		if got := s.limit(); got != 600 {
+			t.Fatalf("limit %d %d ticks after the slow spell, still in the window: want 600", got, i+1)
+		}
+	}
+}
+
+// After a cut the limiter waits for in-flight fetches to drain before it
+// cuts again or grows, instead of driving the limit to the floor in a few
+// ticks; then it grows by probeStep at most while near the level it cut.
+func TestFetchLimiterAfterACut(t *testing.T) {
+	l, s := limiterAt(t, 1000, 1000, 100)
+	slow := lagSample{10, 5}
+	now := time.Now()
+	l.adjust(now, slow)
+	l.adjust(now.Add(limitTick), slow)
 	if got := s.limit(); got != 750 {
 		t.Fatalf("limit %d after two slow ticks within the cooldown, want one cut to 750", got)
 	}
-	l.adjust(now.Add(limitCooldown), time.Second)
+	l.adjust(now.Add(fetchCutCooldown), slow)
 	if got := s.limit(); got != 750*3/4 {
 		t.Fatalf("limit %d after the cooldown, want a second cut to %d", got, 750*3/4)
+	}
+	// Then the journal is fast, the limit used up and ids wait: the limit
+	// holds for the cooldown, then grows by probeStep a tick.
+	cut := now.Add(fetchCutCooldown)
+	for range s.limit() - s.inUse() {
+		s.acquire(context.Background())
+	}
+	for i := 1; i <= int(fetchCutCooldown/limitTick)+1; i++ {
+		l.adjust(cut.Add(time.Duration(i)*limitTick), lagSample{10, 0})
+	}
+	if got, want := s.limit(), 750*3/4+2*probeStep; got != want {
+		t.Fatalf("limit %d a tick past the cooldown, want %d (probeStep twice)", got, want)
 	}
 }

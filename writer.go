@@ -82,6 +82,7 @@ func (r *writeReq) receivedAt() time.Time {
 func newWriter(cfg config, s *store, db *database, m *metrics, g *guard) *writer {
 	return &writer{
 		store: s, db: db, ttl: cfg.ttl, lease: cfg.lease, metrics: m, guard: g,
+		lag:      lagMeter{target: cfg.journalTimeout / journalTargetShare},
 		journalQ: make(chan *writeReq, queueSize),
 		applyQ:   make(chan *writeReq, queueSize),
 	}
