@@ -101,9 +101,9 @@ const (
 	// maxStep bounds the growth per tick: each slot added starts a fetch at
 	// once, and a burst of thousands takes the CPU the journal needs.
 	maxStep = 256
-	// probeStep is the growth per tick within probeAfter of a cut, while
-	// the limit is near what the machine sustains: a cut shows only after
-	// fetches in flight finish, so fast growth would overshoot again first.
+	// probeStep is the growth per tick within probeAfter of a cut, near
+	// the level cut: a cut shows only after fetches in flight finish, so
+	// fast growth would overshoot again first.
 	probeStep  = 64
 	probeAfter = 10 * time.Second
 	// journalTargetShare: the limiter keeps journal commits under this
@@ -215,7 +215,9 @@ func (m *fetchMeter) capacity(limit int) float64 {
 //   - when none did and the limit is nearly used up, it grows by a
 //     sixteenth per tick, or a quarter while ids wait for slots (a start, a
 //     surge), never by more than maxStep, and by probeStep at most within
-//     probeAfter of a cut.
+//     probeAfter of a cut while below 5/4 of the fetches in flight then:
+//     near a level that slowed the journal, growth must be slow, but after
+//     a cut to the floor (a stall) it need not be.
 //
 // A cut shows only as the fetches in flight finish, so for fetchCutCooldown
 // after one the limit neither drops nor grows. Past capacity the limit
@@ -230,6 +232,7 @@ type fetchLimiter struct {
 	window  [lagWindow]lagSample // the last ticks' samples, a ring
 	tick    int
 	lastCut time.Time
+	cutFrom int // fetches in flight at the last cut
 }
 
 func newFetchLimiter(slots *fetchSlots, meter *fetchMeter, waiting *atomic.Int64, lag func() lagSample, m *metrics) *fetchLimiter {
@@ -262,14 +265,15 @@ func (l *fetchLimiter) adjust(now time.Time, s lagSample) {
 	switch {
 	case now.Sub(l.lastCut) < fetchCutCooldown:
 	case seen.slow > 1 && seen.slow*slowShare > seen.commits:
-		next = max(min(minLimit, hardCap), min(limit, inUse)*3/4)
+		l.cutFrom = min(limit, inUse)
+		next = max(min(minLimit, hardCap), l.cutFrom*3/4)
 		l.lastCut = now
 	case seen.slow == 0 && inUse >= limit*7/8:
 		step := limit / 16
 		if l.waiting.Load() > 0 {
 			step = limit / 4
 		}
-		if now.Sub(l.lastCut) < probeAfter {
+		if now.Sub(l.lastCut) < probeAfter && limit < l.cutFrom*5/4 {
 			step = min(step, probeStep)
 		}
 		next = min(hardCap, limit+max(1, min(step, maxStep)))

@@ -141,3 +141,26 @@ func TestFetchLimiterAfterACut(t *testing.T) {
 		t.Fatalf("limit %d a tick past the cooldown, want %d (probeStep twice)", got, want)
 	}
 }
+
+// A cut to the floor (the journal stalled: the database going away, say)
+// is not a level to probe around: past the cooldown the limit grows fast.
+func TestFetchLimiterGrowsFastFromTheFloor(t *testing.T) {
+	l, s := limiterAt(t, 80, 80, 100)
+	now := time.Now()
+	l.adjust(now, lagSample{1, 1})
+	l.adjust(now.Add(limitTick), lagSample{1, 1})
+	if got := s.limit(); got != minLimit {
+		t.Fatalf("limit %d after a stall, want the floor %d", got, minLimit)
+	}
+	at := now
+	for got := s.limit(); got < 1000; got = s.limit() {
+		at = at.Add(limitTick)
+		if at.Sub(now) > 4*time.Second {
+			t.Fatalf("limit %d %s after a cut to the floor, want 1000 within 4 s", got, at.Sub(now))
+		}
+		for range got - s.inUse() {
+			s.acquire(context.Background())
+		}
+		l.adjust(at, lagSample{10, 0})
+	}
+}
