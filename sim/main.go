@@ -545,21 +545,19 @@ func (p *poller) sendingDone(last time.Time) {
 	p.mu.Unlock()
 }
 
-// pause is the wait before the next snapshot, after one that took took.
-// While callbacks are sent the poller polls at most a tenth of the time: a
+// duty is how many times a snapshot's time the poller waits before the
+// next. While callbacks are sent it polls at most a tenth of the time: a
 // snapshot of a large table takes a good share of a core in the simulator
 // and PostgreSQL, CPU the service under test would otherwise get on a
-// shared machine. Rows live a whole TTL, and a poll at least every sixth
-// of it sees each. After sending it polls a quarter of the time, to time
-// the catch-up closely.
-func (p *poller) pause(took time.Duration) time.Duration {
+// shared machine, and rows live a whole TTL, so no row is missed. After
+// sending it polls a quarter of the time, to time the catch-up closely.
+func (p *poller) duty() time.Duration {
 	p.mu.Lock()
-	done := p.done
-	p.mu.Unlock()
-	if done {
-		return max(p.every, 3*took)
+	defer p.mu.Unlock()
+	if p.done {
+		return 3
 	}
-	return max(p.every, min(10*took, p.check.ttl/6))
+	return 10
 }
 
 func (p *poller) exactAt() time.Time {
@@ -652,7 +650,7 @@ func (p *poller) loop(ctx context.Context) {
 			return
 		case <-p.quit:
 			return
-		case <-time.After(p.pause(took)):
+		case <-time.After(max(p.every, p.duty()*took)):
 		}
 	}
 }
