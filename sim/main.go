@@ -545,21 +545,6 @@ func (p *poller) sendingDone(last time.Time) {
 	p.mu.Unlock()
 }
 
-// duty is how many times a snapshot's time the poller waits before the
-// next. While callbacks are sent it polls at most a tenth of the time: a
-// snapshot of a large table takes a good share of a core in the simulator
-// and PostgreSQL, CPU the service under test would otherwise get on a
-// shared machine, and rows live a whole TTL, so no row is missed. After
-// sending it polls a quarter of the time, to time the catch-up closely.
-func (p *poller) duty() time.Duration {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.done {
-		return 3
-	}
-	return 10
-}
-
 func (p *poller) exactAt() time.Time {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -650,7 +635,7 @@ func (p *poller) loop(ctx context.Context) {
 			return
 		case <-p.quit:
 			return
-		case <-time.After(max(p.every, p.duty()*took)):
+		case <-time.After(max(p.every, 3*took)):
 		}
 	}
 }
