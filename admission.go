@@ -203,6 +203,9 @@ func (l *answerLimiter) run(ctx context.Context) {
 const (
 	slowShare      = 20
 	slowTicksToCut = 2
+	// limitCooldown is how long a cut of the answer limit is given to show
+	// before the next one.
+	limitCooldown = time.Second
 )
 
 // adjust applies one tick's worth of signal to the limit: answers and slow

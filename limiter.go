@@ -88,9 +88,6 @@ const (
 	// minLimit keeps fetching going however slow the journal is: fetches
 	// must go on, or accepted callbacks would expire.
 	minLimit = 64
-	// limitCooldown is how long the answer limiter gives a decrease to show
-	// before the next one.
-	limitCooldown = time.Second
 	// fetchCutCooldown is the same for fetches, which take 0.3-4 s: a cut
 	// shows only as fetches in flight finish, and cutting again before it
 	// has would drive the limit far below what the machine sustains.
