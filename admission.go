@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"math"
-	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -40,7 +39,10 @@ type overloaded struct {
 func (e *overloaded) Error() string { return "overloaded: " + e.reason }
 
 // check decides for a callback with newIDs ids that start fetches of their
-// own. A callback whose ids are all being fetched already waits for nothing
+// own. The queue it weighs holds every flight promised and not yet under
+// way: new, retried, taken over, and joined by other callbacks; its rate is
+// the one measured while the object service answered, so a failing object
+// service does not open the gate (see fetchMeter). A callback whose ids are all being fetched already waits for nothing
 // and is always admitted, and so is any callback while nothing waits for a
 // slot. The callback is decoded first: decoding 200 ids costs microseconds,
 // and without its ids the rule above could not be kept.
@@ -55,7 +57,7 @@ func (a *admission) check(newIDs int) error {
 	}
 	rate := a.limiter.rate()
 	wait := time.Duration(float64(waiting+int64(newIDs)) / rate * float64(time.Second))
-	a.metrics.queueWait.Set(int64(wait / time.Millisecond))
+	a.metrics.queueWait.Set(wait.Seconds())
 	if wait <= a.maxWait {
 		return nil
 	}
@@ -65,49 +67,6 @@ func (a *admission) check(newIDs int) error {
 // retryAfterSeconds is the Retry-After header for d: whole seconds, at
 // least one.
 func retryAfterSeconds(d time.Duration) int { return max(1, int(math.Ceil(d.Seconds()))) }
-
-// retryBudget lets retries be at most a tenth of first attempts, plus a
-// trickle, so that a failing or overloaded object service never sees its
-// load multiplied by retries (the model is Finagle's RetryBudget). A retry
-// that finds the budget spent waits and asks again, until its deadline.
-type retryBudget struct {
-	mu     sync.Mutex
-	tokens float64
-	last   time.Time
-}
-
-const (
-	retryShare     = 0.1  // a retry for every ten first attempts
-	retryFloor     = 10.0 // retries per second allowed whatever the traffic
-	retryMaxTokens = 1000 // what a quiet spell can save up
-)
-
-func newRetryBudget() *retryBudget {
-	return &retryBudget{tokens: retryFloor, last: time.Now()}
-}
-
-// earn credits a first attempt.
-func (b *retryBudget) earn() {
-	b.mu.Lock()
-	b.tokens = min(retryMaxTokens, b.tokens+retryShare)
-	b.mu.Unlock()
-}
-
-// take spends a retry if the budget allows one.
-func (b *retryBudget) take() bool {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	now := time.Now()
-	if now.After(b.last) {
-		b.tokens = min(retryMaxTokens, b.tokens+now.Sub(b.last).Seconds()*retryFloor)
-		b.last = now
-	}
-	if b.tokens < 1 {
-		return false
-	}
-	b.tokens--
-	return true
-}
 
 // answerLimiter bounds the callbacks being handled at once (read, decoded,
 // journaled, not yet answered) with a limit that adapts to how long answers

@@ -28,7 +28,7 @@ func TestAdmissionShedsOnlyNewIDsPastTheBound(t *testing.T) {
 			m := newMetrics()
 			f := newFetcher(cfg, instantObjects{}, (&savedRows{}).save, discardLogger(), m, &guard{log: discardLogger(), metrics: m})
 			f.slots.setLimit(100)
-			f.meter.observe(time.Second)
+			f.meter.observe(time.Second, true)
 			l := newFetchLimiter(f.slots, &f.meter, &f.waiting, nil, m)
 			a := newAdmission(cfg, f, l, m)
 			f.waiting.Store(tt.waiting)
@@ -48,38 +48,6 @@ func TestAdmissionBoundIsCappedByTheTTL(t *testing.T) {
 	cfg := testConfig(t, "-max-queue-wait", "1m", "-ttl", "30s")
 	if got := newAdmission(cfg, nil, nil, newMetrics()).maxWait; got != 25*time.Second {
 		t.Errorf("bound %s, want 25s (5/6 of the TTL)", got)
-	}
-}
-
-func TestRetryBudgetIsATenthOfFirstAttempts(t *testing.T) {
-	b := newRetryBudget()
-	b.tokens = 0 // and almost no time passes for the trickle to add to it
-	for range 100 {
-		b.earn()
-	}
-	granted := 0
-	for range 50 {
-		if b.take() {
-			granted++
-		}
-	}
-	if granted != 10 {
-		t.Errorf("%d retries granted after 100 first attempts, want 10", granted)
-	}
-}
-
-func TestRetryBudgetTrickles(t *testing.T) {
-	b := newRetryBudget()
-	b.tokens = 0
-	b.last = time.Now().Add(-time.Second) // a second without first attempts
-	granted := 0
-	for range 50 {
-		if b.take() {
-			granted++
-		}
-	}
-	if granted < int(retryFloor) || granted > int(retryFloor)+1 {
-		t.Errorf("%d retries granted after a quiet second, want %v", granted, retryFloor)
 	}
 }
 

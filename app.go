@@ -48,6 +48,7 @@ func newApp(cfg config, log *slog.Logger, transport http.RoundTripper) (*app, er
 	a.writer = newWriter(cfg, a.store, db, m, g)
 	a.fetcher = newFetcher(cfg, transport, a.writer.upsert, log, m, g)
 	a.limiter = newFetchLimiter(a.fetcher.slots, &a.fetcher.meter, &a.fetcher.waiting, a.writer.lag.take, m)
+	a.limiter.probing = a.fetcher.upstream.isDown
 	a.answers = newAnswerLimiter(cfg.journalTimeout/answerTargetShare, m)
 	a.pipe = newPipeline(cfg, a.fetcher, a.writer, newAdmission(cfg, a.fetcher, a.limiter, m), db, log, m, g)
 	a.keeper = newJournalKeeper(cfg, a.store, db, a.pipe, log, m, g)
@@ -72,7 +73,11 @@ func (a *app) start() {
 	for range applyWriters {
 		a.loop("apply-writer", a.writer.runApplyWriter)
 	}
+	// The fetch queue lives as long as the pipeline: when the grace period
+	// after SIGTERM is over, it aborts what is queued.
+	a.loop("fetch-dispatch", func(context.Context) { a.fetcher.run(a.pipe.ctx) })
 	a.loop("fetch-limit", a.limiter.run)
+	a.loop("object-service-health", a.fetcher.upstream.run)
 	a.loop("answer-limit", a.answers.run)
 	a.loop("reaper", a.reaper.run)
 	a.loop("journal", a.keeper.run)

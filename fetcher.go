@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"math/rand/v2"
 	"net"
 	"net/http"
 	"strconv"
@@ -40,11 +39,10 @@ type fetcher struct {
 	metrics      *metrics
 	guard        *guard
 
-	// Load, read by admission and the limiter: ids waiting for a fetch
-	// slot, and the attempts' rate and latency.
+	// Load, read by admission and the limiter: flights queued (waiting
+	// for a slot or for a retry), and the attempts' rate and latency.
 	waiting  atomic.Int64
 	meter    fetchMeter
-	retries  *retryBudget
 	upstream *upstreamHealth
 	fd       *fdGuard
 
@@ -59,17 +57,29 @@ type fetcher struct {
 	toSave []pendingSave
 	saving bool
 
+	// The flights, and the queue of those waiting (schedule.go), guarded
+	// by mu; wake rouses the dispatcher.
 	mu      sync.Mutex
 	flights map[int64]*flight
+	ready   byDeadline
+	later   byRetry
+	closed  bool // shutdown: nothing is queued any more
+	wake    chan struct{}
 }
 
 // flight is one fetch of one id, with everyone waiting for its answer.
 type flight struct {
 	id int64
-	// latest is the latest receipt time of its waiters, guarded by
-	// fetcher.mu: the last_seen its row gets, and + TTL its deadline.
+	// Guarded by fetcher.mu: latest is the latest receipt time of its
+	// waiters, the last_seen its row gets, and + TTL its deadline; where
+	// and idx place it in the queue.
 	latest  time.Time
-	waiters []waiter // guarded by fetcher.mu
+	waiters []waiter
+	where   int
+	idx     int
+	// Used only by whoever holds the flight out of the queue.
+	retryAt time.Time
+	backoff time.Duration
 }
 
 // waiter is one callback's slot for the answer about one id.
@@ -105,7 +115,7 @@ func newFetcher(cfg config, transport http.RoundTripper, save func(context.Conte
 		metrics:      m,
 		guard:        g,
 		flights:      make(map[int64]*flight),
-		retries:      newRetryBudget(),
+		wake:         make(chan struct{}, 1),
 		upstream:     newUpstreamHealth(cfg.upstream, log, m, g),
 		fd:           newFDGuard(fdFetch, log, m),
 		save:         save,
@@ -113,11 +123,11 @@ func newFetcher(cfg config, transport http.RoundTripper, save func(context.Conte
 }
 
 // lookupAll starts a lookup of every id of cb; wg is done once each has a
-// result: an answer, resultExpired once the callback's deadline passed, or
-// resultAborted when ctx ends. Ids already being fetched join that flight
+// result: an answer, resultExpired once the deadline passed, or
+// resultAborted at shutdown. Ids already being fetched join that flight
 // (when coalescing); the rest become flights at once, so that later
-// callbacks see them, and then wait in turn for a semaphore slot, which is
-// what holds back a flood of new ids. It returns when the last has started.
+// callbacks see them, and go into the queue, where the dispatcher gives
+// them a slot in deadline order. It never blocks on the object service.
 func (f *fetcher) lookupAll(ctx context.Context, cb *callback, wg *sync.WaitGroup) {
 	wg.Add(len(cb.objectIDs))
 	var starts []*flight // most ids of a busy service join a flight: grown as needed
@@ -129,29 +139,20 @@ func (f *fetcher) lookupAll(ctx context.Context, cb *callback, wg *sync.WaitGrou
 			cur.waiters = append(cur.waiters, w)
 			if cb.receivedAt.After(cur.latest) {
 				cur.latest = cb.receivedAt
+				f.joined(cur)
 			}
 			joined++
 			continue
 		}
-		fl := &flight{id: id, latest: cb.receivedAt, waiters: []waiter{w}}
+		fl := &flight{id: id, latest: cb.receivedAt, waiters: []waiter{w}, idx: -1, backoff: fetchRetryMin}
 		if f.coalesce {
 			f.flights[id] = fl
 		}
 		starts = append(starts, fl)
 	}
-	f.waiting.Add(int64(len(starts)))
 	f.mu.Unlock()
 	f.metrics.coalesced.Add(uint64(joined))
-	for _, fl := range starts {
-		ok := f.acquire(ctx)
-		f.waiting.Add(-1)
-		if !ok {
-			f.deliver(ctx, fl, resultAborted)
-			continue
-		}
-		f.retries.earn()
-		go f.fetch(ctx, fl)
-	}
+	f.enqueue(ctx, starts)
 }
 
 // countNew counts the ids that would start a fetch of their own now: an id
@@ -184,64 +185,49 @@ func (f *fetcher) release() {
 	f.metrics.fetchesInFlight.Add(-1)
 }
 
-// fetch gets the answer for fl.id, holding a semaphore slot on entry, and
-// retries failed attempts with exponential backoff and full jitter until the
-// latest deadline of its waiters. The slot is released while it sleeps.
+// fetch makes one attempt for fl, holding a semaphore slot on entry, and
+// hands the answer to its waiters, or queues it for a retry after a backoff
+// with full jitter while its deadline allows.
 func (f *fetcher) fetch(ctx context.Context, fl *flight) {
 	outcome := resultAborted
-	defer func() { f.deliver(ctx, fl, outcome) }()
+	defer func() {
+		if outcome != resultPending {
+			f.deliver(ctx, fl, outcome)
+		}
+	}()
 	defer f.guard.catch("fetch")
-	backoff := fetchRetryMin
-	for {
-		start := time.Now()
-		online, kind, err := f.attempt(ctx, fl.id)
-		f.release()
-		f.meter.observe(time.Since(start))
-		f.metrics.fetches.Inc(kind)
-		f.metrics.fetchLatency.Observe(time.Since(start).Seconds())
-		// Running out of file descriptors is not the object service's
-		// fault, and retrying at once would only spin.
-		exhausted := f.fd.note(err)
-		if ctx.Err() == nil && !exhausted {
-			f.upstream.record(err)
-		}
-		if err == nil {
-			outcome = resultOffline
-			if online {
-				outcome = resultOnline
-			}
-			return
-		}
-		if ctx.Err() != nil {
-			return
-		}
+	f.mu.Lock()
+	deadline := f.deadline(fl)
+	f.mu.Unlock()
+	start := time.Now()
+	online, kind, err := f.attempt(ctx, fl.id, deadline)
+	took := time.Since(start)
+	f.release()
+	f.meter.observe(took, err == nil)
+	f.metrics.fetches.Inc(kind)
+	f.metrics.fetchLatency.Observe(took.Seconds())
+	// Running out of file descriptors is not the object service's fault,
+	// and retrying at once would only spin.
+	exhausted := f.fd.note(err)
+	if ctx.Err() == nil && !exhausted {
+		f.upstream.record(err)
+	}
+	switch {
+	case err == nil && online:
+		outcome = resultOnline
+	case err == nil:
+		outcome = resultOffline
+	case ctx.Err() != nil:
+		outcome = resultAborted
+	default:
 		f.log.Debug("fetch failed", "id", fl.id, "outcome", kind, "err", err)
-		// Wait out the backoff, and longer while the retry budget is spent:
-		// under overload, retries must not multiply the object service's
-		// load.
-		for {
-			pause := time.Duration(rand.Int64N(int64(backoff)) + 1)
-			backoff = min(2*backoff, fetchRetryMax)
-			if exhausted {
-				pause = max(pause, fdPause())
-			}
-			f.mu.Lock()
-			deadline := fl.latest.Add(f.ttl)
-			f.mu.Unlock()
-			if time.Now().Add(pause).After(deadline) {
-				outcome = resultExpired
-				return
-			}
-			if !sleep(ctx, pause) {
-				return
-			}
-			if f.retries.take() {
-				break
-			}
+		var minPause time.Duration
+		if exhausted {
+			minPause = fdPause()
 		}
-		f.metrics.retries.Inc()
-		if !f.acquire(ctx) {
-			return
+		outcome = f.retryLater(fl, minPause)
+		if outcome == resultPending {
+			f.metrics.retries.Inc()
 		}
 	}
 }
@@ -303,13 +289,17 @@ type objectAnswer struct {
 // attempt is one GET of one object. Only a 200 with a JSON body naming the
 // id asked for counts; everything else is a failed attempt, and so is a panic
 // (in a transport, say), which must not strand the flight's waiters.
-func (f *fetcher) attempt(ctx context.Context, id int64) (online bool, outcome string, err error) {
+func (f *fetcher) attempt(ctx context.Context, id int64, deadline time.Time) (online bool, outcome string, err error) {
 	defer func() {
 		if r := recover(); r != nil {
 			f.guard.panicked("fetch", r)
 			online, outcome, err = false, outcomePanic, fmt.Errorf("panic: %v", r)
 		}
 	}()
+	// An answer after the deadline is worthless: the attempt ends there,
+	// or after -fetch-timeout (the client's), whichever comes first.
+	ctx, cancel := context.WithDeadline(ctx, deadline)
+	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, f.objectsURL+strconv.FormatInt(id, 10), nil)
 	if err != nil {
 		return false, outcomeTransport, fmt.Errorf("build request: %w", err)

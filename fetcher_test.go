@@ -30,12 +30,29 @@ func resolveAll(f *fetcher, cbs ...*callback) {
 }
 
 // fetchApp is the service for tests of the fetcher alone: with no writers
-// running, online objects are saved to saves instead of the table.
+// running, online objects are saved to saves instead of the table. Its
+// fetch queue runs until the test ends.
 func fetchApp(t testing.TB, cfg config, transport http.RoundTripper) *app {
 	t.Helper()
 	a := testApp(t, cfg, transport)
 	a.fetcher.save = (&savedRows{}).save
+	runFetchQueue(t, a.fetcher)
 	return a
+}
+
+// runFetchQueue runs f's dispatcher until the test ends.
+func runFetchQueue(t testing.TB, f *fetcher) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		f.run(ctx)
+	}()
+	t.Cleanup(func() {
+		cancel()
+		<-done
+	})
 }
 
 // savedRows records the online objects a fetcher saves; err, when set, is

@@ -73,6 +73,7 @@ func TestCallbackRejectsBadInput(t *testing.T) {
 func TestCallbackAcceptedWithoutDatabase(t *testing.T) {
 	up := newUpstream(t, 0, nil)
 	p := testApp(t, testConfig(t, "-upstream", up.URL), nil)
+	runFetchQueue(t, p.fetcher)
 	p.db.setUp(errors.New("connection refused"))
 	start := time.Now()
 	rec := httptest.NewRecorder()

@@ -147,13 +147,15 @@ func (m *lagMeter) take() lagSample {
 	return s
 }
 
-// fetchMeter measures the fetch path for admission: how long an attempt
-// takes, and how many finish per second while ids wait for slots (the
-// service rate when saturated).
+// fetchMeter measures the fetch path for admission and the limiter: how
+// long a valid answer takes, how many attempts finish per second while
+// flights wait for slots (the service rate when saturated), and how many
+// of them failed.
 type fetchMeter struct {
 	mu       sync.Mutex
-	latency  float64 // moving average of one attempt, seconds
+	latency  float64 // moving average of an attempt with a valid answer, seconds
 	finished int     // attempts since the last tick
+	failed   int     // of them, those without a valid answer
 	rate     float64 // moving average of attempts per second while saturated
 }
 
@@ -165,25 +167,40 @@ const (
 	initialLatency = time.Second
 )
 
-func (m *fetchMeter) observe(d time.Duration) {
+// observe records one attempt; ok says whether it got a valid answer.
+// Failed attempts count toward the rate but not the latency: a 500 that
+// comes at once says nothing of how long an answer takes.
+func (m *fetchMeter) observe(d time.Duration, ok bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.finished++
-	if m.latency == 0 {
-		m.latency = initialLatency.Seconds()
+	if !ok {
+		m.failed++
+		return
+	}
+	if m.latency == 0 { // the first answer replaces the guess
+		m.latency = d.Seconds()
+		return
 	}
 	m.latency += latencyWeight * (d.Seconds() - m.latency)
 }
 
-// tick closes one limiter tick; the rate learns only from saturated ticks,
-// when finished attempts measure capacity rather than demand.
-func (m *fetchMeter) tick(saturated bool, every time.Duration) {
+// fetchSample is what the meter saw in one tick.
+type fetchSample struct{ attempts, failed int64 }
+
+// tick closes one limiter tick and returns its attempts. The rate learns
+// only from saturated ticks, when finished attempts measure capacity rather
+// than demand; not while probing a failing object service, whose pace is
+// set by probeEvery and says nothing of capacity.
+func (m *fetchMeter) tick(saturated bool, every time.Duration) fetchSample {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if saturated {
 		m.rate += rateWeight * (float64(m.finished)/every.Seconds() - m.rate)
 	}
-	m.finished = 0
+	s := fetchSample{attempts: int64(m.finished), failed: int64(m.failed)}
+	m.finished, m.failed = 0, 0
+	return s
 }
 
 // capacity estimates attempts per second with limit slots: the rate
@@ -216,6 +233,12 @@ func (m *fetchMeter) capacity(limit int) float64 {
 //     near a level that slowed the journal, growth must be slow, but after
 //     a cut to the floor (a stall) it need not be.
 //
+// The object service's own distress cuts the limit the same way: when more
+// than failShare of the attempts of the window failed (errors, invalid
+// answers, timeouts), fewer at once is what an overloaded object service
+// needs. While it fails nearly everything the dispatcher only probes it
+// (probeEvery), and the limit holds still.
+//
 // A cut shows only as the fetches in flight finish, so for fetchCutCooldown
 // after one the limit neither drops nor grows. Past capacity the limit
 // settles just under the fetch rate that slows the journal, and admission
@@ -226,11 +249,20 @@ type fetchLimiter struct {
 	waiting *atomic.Int64    // ids waiting for a slot
 	lag     func() lagSample // journal commits since the last call
 	metrics *metrics
-	window  [lagWindow]lagSample // the last ticks' samples, a ring
+	// probing says whether the dispatcher only probes the object service
+	// (it fails nearly everything); nil means never.
+	probing func() bool
+	window  [lagWindow]lagSample   // the last ticks' journal samples, a ring
+	fetched [lagWindow]fetchSample // the same ticks' attempts
 	tick    int
 	lastCut time.Time
 	cutFrom int // fetches in flight at the last cut
 }
+
+// failShare: the limit is cut when more than this share of the window's
+// attempts failed. A quarter of answers failing at random (a flaky
+// service) is paced by retries, not cut; most failing is overload.
+const failShare = 0.5
 
 func newFetchLimiter(slots *fetchSlots, meter *fetchMeter, waiting *atomic.Int64, lag func() lagSample, m *metrics) *fetchLimiter {
 	m.fetchLimit.Set(int64(slots.limit()))
@@ -239,8 +271,12 @@ func newFetchLimiter(slots *fetchSlots, meter *fetchMeter, waiting *atomic.Int64
 
 func (l *fetchLimiter) run(ctx context.Context) {
 	everyTick(ctx, limitTick, func() {
-		l.meter.tick(l.waiting.Load() > 0, limitTick)
-		l.adjust(time.Now(), l.lag())
+		probing := l.probing != nil && l.probing()
+		f := l.meter.tick(l.waiting.Load() > 0 && !probing, limitTick)
+		if probing {
+			f = fetchSample{}
+		}
+		l.adjust(time.Now(), l.lag(), f)
 	})
 }
 
@@ -248,24 +284,29 @@ func (l *fetchLimiter) run(ctx context.Context) {
 func (l *fetchLimiter) rate() float64 { return l.meter.capacity(l.slots.limit()) }
 
 // adjust applies one tick's sample to the limit.
-func (l *fetchLimiter) adjust(now time.Time, s lagSample) {
+func (l *fetchLimiter) adjust(now time.Time, s lagSample, f fetchSample) {
 	l.window[l.tick%lagWindow] = s
+	l.fetched[l.tick%lagWindow] = f
 	l.tick++
 	var seen lagSample
-	for _, w := range l.window {
-		seen.commits += w.commits
-		seen.slow += w.slow
+	var tried fetchSample
+	for i := range l.window {
+		seen.commits += l.window[i].commits
+		seen.slow += l.window[i].slow
+		tried.attempts += l.fetched[i].attempts
+		tried.failed += l.fetched[i].failed
 	}
+	distress := tried.failed > 1 && float64(tried.failed) > failShare*float64(tried.attempts)
 	limit, inUse := l.slots.limit(), l.slots.inUse()
 	hardCap := cap(l.slots.sem)
 	next := limit
 	switch {
 	case now.Sub(l.lastCut) < fetchCutCooldown:
-	case seen.slow > 1 && seen.slow*slowShare > seen.commits:
+	case seen.slow > 1 && seen.slow*slowShare > seen.commits, distress:
 		l.cutFrom = min(limit, inUse)
 		next = max(min(minLimit, hardCap), l.cutFrom*3/4)
 		l.lastCut = now
-	case seen.slow == 0 && inUse >= limit*7/8:
+	case seen.slow == 0 && !distress && inUse >= limit*7/8:
 		step := limit / 16
 		if l.waiting.Load() > 0 {
 			step = limit / 4

@@ -78,7 +78,7 @@ func TestFetchLimiterAdjusts(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			l, s := limiterAt(t, tt.limit, tt.inUse, tt.waiting)
-			l.adjust(time.Now(), tt.sample)
+			l.adjust(time.Now(), tt.sample, fetchSample{})
 			if got := s.limit(); got != tt.want {
 				t.Errorf("limit %d, want %d", got, tt.want)
 			}
@@ -95,17 +95,17 @@ func TestFetchLimiterAdjusts(t *testing.T) {
 func TestFetchLimiterJudgesAWindow(t *testing.T) {
 	l, s := limiterAt(t, 800, 800, 0)
 	now := time.Now()
-	l.adjust(now, lagSample{10, 1})
-	l.adjust(now.Add(limitTick), lagSample{10, 0})
+	l.adjust(now, lagSample{10, 1}, fetchSample{})
+	l.adjust(now.Add(limitTick), lagSample{10, 0}, fetchSample{})
 	if got := s.limit(); got != 800 {
 		t.Fatalf("limit %d after one slow commit, want 800", got)
 	}
-	l.adjust(now.Add(2*limitTick), lagSample{10, 1})
+	l.adjust(now.Add(2*limitTick), lagSample{10, 1}, fetchSample{})
 	if got := s.limit(); got != 600 {
 		t.Fatalf("limit %d after two slow commits of 30 in the window, want 600", got)
 	}
 	for i := range lagWindow - 1 {
-		l.adjust(now.Add(fetchCutCooldown+time.Duration(i)*limitTick), lagSample{10, 0})
+		l.adjust(now.Add(fetchCutCooldown+time.Duration(i)*limitTick), lagSample{10, 0}, fetchSample{})
 		if got := s.limit(); got != 600 {
 			t.Fatalf("limit %d %d ticks after the slow spell, still in the window: want 600", got, i+1)
 		}
@@ -119,12 +119,12 @@ func TestFetchLimiterAfterACut(t *testing.T) {
 	l, s := limiterAt(t, 1000, 1000, 100)
 	slow := lagSample{10, 5}
 	now := time.Now()
-	l.adjust(now, slow)
-	l.adjust(now.Add(limitTick), slow)
+	l.adjust(now, slow, fetchSample{})
+	l.adjust(now.Add(limitTick), slow, fetchSample{})
 	if got := s.limit(); got != 750 {
 		t.Fatalf("limit %d after two slow ticks within the cooldown, want one cut to 750", got)
 	}
-	l.adjust(now.Add(fetchCutCooldown), slow)
+	l.adjust(now.Add(fetchCutCooldown), slow, fetchSample{})
 	if got := s.limit(); got != 750*3/4 {
 		t.Fatalf("limit %d after the cooldown, want a second cut to %d", got, 750*3/4)
 	}
@@ -135,7 +135,7 @@ func TestFetchLimiterAfterACut(t *testing.T) {
 		s.acquire(context.Background())
 	}
 	for i := 1; i <= int(fetchCutCooldown/limitTick)+1; i++ {
-		l.adjust(cut.Add(time.Duration(i)*limitTick), lagSample{10, 0})
+		l.adjust(cut.Add(time.Duration(i)*limitTick), lagSample{10, 0}, fetchSample{})
 	}
 	if got, want := s.limit(), 750*3/4+2*probeStep; got != want {
 		t.Fatalf("limit %d a tick past the cooldown, want %d (probeStep twice)", got, want)
@@ -147,8 +147,8 @@ func TestFetchLimiterAfterACut(t *testing.T) {
 func TestFetchLimiterGrowsFastFromTheFloor(t *testing.T) {
 	l, s := limiterAt(t, 80, 80, 100)
 	now := time.Now()
-	l.adjust(now, lagSample{1, 1})
-	l.adjust(now.Add(limitTick), lagSample{1, 1})
+	l.adjust(now, lagSample{1, 1}, fetchSample{})
+	l.adjust(now.Add(limitTick), lagSample{1, 1}, fetchSample{})
 	if got := s.limit(); got != minLimit {
 		t.Fatalf("limit %d after a stall, want the floor %d", got, minLimit)
 	}
@@ -161,6 +161,6 @@ func TestFetchLimiterGrowsFastFromTheFloor(t *testing.T) {
 		for range got - s.inUse() {
 			s.acquire(context.Background())
 		}
-		l.adjust(at, lagSample{10, 0})
+		l.adjust(at, lagSample{10, 0}, fetchSample{})
 	}
 }

@@ -33,10 +33,11 @@ type metrics struct {
 	panics             counter
 
 	fetchesInFlight     gauge
+	fetchQueue          gauge
 	fetchLimit          gauge
 	handlingLimit       gauge
-	queueWait           gauge
-	upstreamUp          gauge
+	queueWait           floatGauge
+	upstreamUp          floatGauge
 	callbacksShed       *labeled
 	callbacksInMemory   gauge
 	idsInMemory         gauge
@@ -110,8 +111,9 @@ func newMetrics() *metrics {
 		{"objtrack_fetches_in_flight", "Requests to the object service in flight.", "gauge", &m.fetchesInFlight},
 		{"objtrack_fetch_limit", "Requests to the object service allowed in flight now (adapts to the journal's commit latency and the backlog).", "gauge", &m.fetchLimit},
 		{"objtrack_callbacks_handling_limit", "Callbacks allowed to be handled at once now (adapts to the answer time); past it a callback is shed as busy.", "gauge", &m.handlingLimit},
-		{"objtrack_fetch_queue_wait_milliseconds", "Estimated wait for a fetch slot of a new callback's ids, at the fetch rate measured now (admission sheds past -max-queue-wait).", "gauge", &m.queueWait},
-		{"objtrack_upstream_up", "1 while the object service answers; 0 after several failed attempts in a row.", "gauge", &m.upstreamUp},
+		{"objtrack_fetch_queue_wait_seconds", "Estimated wait for a fetch slot of a new callback's ids, at the fetch rate measured now (admission sheds past -max-queue-wait).", "gauge", &m.queueWait},
+		{"objtrack_fetch_queue", "Lookups promised and waiting: for a fetch slot or for a retry's backoff (new, retried, taken over).", "gauge", &m.fetchQueue},
+		{"objtrack_upstream_up", "1 while the object service answers; 0 once a second passed with failed attempts and no valid answer; NaN until the first attempt.", "gauge", &m.upstreamUp},
 		{"objtrack_callbacks_shed_total", "Callbacks answered 503 with Retry-After because they could not be honoured now, by reason.", "counter", m.callbacksShed},
 		{"objtrack_callbacks_in_memory", "Callbacks accepted and not yet applied.", "gauge", &m.callbacksInMemory},
 		{"objtrack_ids_in_memory", "Object ids of the callbacks in memory.", "gauge", &m.idsInMemory},
@@ -166,6 +168,15 @@ func (g *gauge) Add(n int64)  { g.v.Add(n) }
 func (g *gauge) Value() int64 { return g.v.Load() }
 func (g *gauge) write(b []byte, name string) []byte {
 	return fmt.Appendf(b, "%s %d\n", name, g.v.Load())
+}
+
+// floatGauge is a gauge of a float64 value (seconds, or NaN while unknown).
+type floatGauge struct{ bits atomic.Uint64 }
+
+func (g *floatGauge) Set(v float64)  { g.bits.Store(math.Float64bits(v)) }
+func (g *floatGauge) Value() float64 { return math.Float64frombits(g.bits.Load()) }
+func (g *floatGauge) write(b []byte, name string) []byte {
+	return fmt.Appendf(b, "%s %s\n", name, strconv.FormatFloat(g.Value(), 'g', -1, 64))
 }
 
 // labeled is a counter with one label whose values are known in advance.

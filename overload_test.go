@@ -15,6 +15,7 @@ import (
 func TestOverloadShedsNewIDsOnly(t *testing.T) {
 	up := newUpstream(t, time.Hour, nil) // lookups never finish: the queue stays
 	p := testApp(t, testConfig(t, "-upstream", up.URL, "-max-inflight", "2", "-max-queue-wait", "1s"), nil)
+	runFetchQueue(t, p.fetcher)
 	p.db.setUp(errNotUp) // journal in memory: this test is about admission
 	send := func(ids ...int64) *httptest.ResponseRecorder {
 		rec := httptest.NewRecorder()
