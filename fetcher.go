@@ -298,8 +298,11 @@ func (f *fetcher) attempt(ctx context.Context, id int64, deadline time.Time) (on
 	}()
 	// An answer after the deadline is worthless: the attempt ends there,
 	// or after -fetch-timeout (the client's), whichever comes first.
-	ctx, cancel := context.WithDeadline(ctx, deadline)
-	defer cancel()
+	if time.Until(deadline) < f.fetchTimeout {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithDeadline(ctx, deadline)
+		defer cancel()
+	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, f.objectsURL+strconv.FormatInt(id, 10), nil)
 	if err != nil {
 		return false, outcomeTransport, fmt.Errorf("build request: %w", err)

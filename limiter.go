@@ -148,15 +148,15 @@ func (m *lagMeter) take() lagSample {
 }
 
 // fetchMeter measures the fetch path for admission and the limiter: how
-// long a valid answer takes, how many attempts finish per second while
+// long a valid answer takes, how many valid answers come per second while
 // flights wait for slots (the service rate when saturated), and how many
-// of them failed.
+// attempts failed.
 type fetchMeter struct {
 	mu       sync.Mutex
 	latency  float64 // moving average of an attempt with a valid answer, seconds
-	finished int     // attempts since the last tick
-	failed   int     // of them, those without a valid answer
-	rate     float64 // moving average of attempts per second while saturated
+	answered int     // valid answers since the last tick
+	failed   int     // failed attempts since the last tick
+	rate     float64 // moving average of valid answers per second while saturated
 }
 
 // Moving-average weights and the starting guesses before anything is
@@ -168,16 +168,17 @@ const (
 )
 
 // observe records one attempt; ok says whether it got a valid answer.
-// Failed attempts count toward the rate but not the latency: a 500 that
-// comes at once says nothing of how long an answer takes.
+// Only valid answers count toward the rate and the latency: a 500 that
+// comes at once says nothing of how long an answer takes, and a burst of
+// them at the start of an outage must not make the capacity look larger.
 func (m *fetchMeter) observe(d time.Duration, ok bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	m.finished++
 	if !ok {
 		m.failed++
 		return
 	}
+	m.answered++
 	if m.latency == 0 { // the first answer replaces the guess
 		m.latency = d.Seconds()
 		return
@@ -189,21 +190,21 @@ func (m *fetchMeter) observe(d time.Duration, ok bool) {
 type fetchSample struct{ attempts, failed int64 }
 
 // tick closes one limiter tick and returns its attempts. The rate learns
-// only from saturated ticks, when finished attempts measure capacity rather
+// only from saturated ticks, when the answers measure capacity rather
 // than demand; not while probing a failing object service, whose pace is
 // set by probeEvery and says nothing of capacity.
 func (m *fetchMeter) tick(saturated bool, every time.Duration) fetchSample {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if saturated {
-		m.rate += rateWeight * (float64(m.finished)/every.Seconds() - m.rate)
+		m.rate += rateWeight * (float64(m.answered)/every.Seconds() - m.rate)
 	}
-	s := fetchSample{attempts: int64(m.finished), failed: int64(m.failed)}
-	m.finished, m.failed = 0, 0
+	s := fetchSample{attempts: int64(m.answered + m.failed), failed: int64(m.failed)}
+	m.answered, m.failed = 0, 0
 	return s
 }
 
-// capacity estimates attempts per second with limit slots: the rate
+// capacity estimates valid answers per second with limit slots: the rate
 // measured, or what limit slots give at the latency measured (Little's
 // law), whichever is more; the second leads while the limit grows or a
 // burst's first attempts are still out.

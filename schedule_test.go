@@ -209,9 +209,9 @@ func TestUpstreamHealthJudgesAWindow(t *testing.T) {
 	}
 }
 
-// Failed attempts count toward the rate but not the latency, and while the
-// object service is only probed the rate does not learn: admission keeps
-// the capacity measured while it answered.
+// Failed attempts count toward neither the rate nor the latency, and while
+// the object service is only probed the rate does not learn: admission
+// keeps the capacity measured while it answered.
 func TestFetchMeterLearnsOnlyFromAnswers(t *testing.T) {
 	var m fetchMeter
 	m.observe(2*time.Second, true)
@@ -224,8 +224,11 @@ func TestFetchMeterLearnsOnlyFromAnswers(t *testing.T) {
 	if s := m.tick(true, time.Second); s.attempts != 51 || s.failed != 50 {
 		t.Errorf("tick %+v, want 51 attempts, 50 failed", s)
 	}
+	if m.rate != 0.2 { // one answer in a saturated second, weighted 0.2
+		t.Errorf("rate %v after a tick of 1 answer and 50 failures, want 0.2", m.rate)
+	}
 	rate := m.rate
-	m.observe(time.Millisecond, false)
+	m.observe(time.Millisecond, true)
 	m.tick(false, time.Second) // probing: not saturated as far as the rate goes
 	if m.rate != rate {
 		t.Errorf("rate moved from %v to %v on an unsaturated tick", rate, m.rate)
