@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"net/http"
 	"runtime"
 	"sync"
@@ -254,5 +255,27 @@ func TestFetchLimiterCutsOnObjectServiceDistress(t *testing.T) {
 				t.Errorf("limit %d, want %d", got, tt.want)
 			}
 		})
+	}
+}
+
+// Taken-over callbacks are promised work: their lookups wait in the same
+// queue, admission counts them, and new callbacks are shed while they
+// drain.
+func TestAdmissionCountsTakenOverWork(t *testing.T) {
+	up := newUpstream(t, time.Hour, nil) // lookups never finish: the queue stays
+	p := testApp(t, testConfig(t, "-upstream", up.URL, "-max-inflight", "2", "-max-queue-wait", "1s"), nil)
+	runFetchQueue(t, p.fetcher)
+	ids := make([]int64, 50)
+	for i := range ids {
+		ids[i] = int64(i)
+	}
+	if n := p.pipe.resume([]journalRow{{journalID: 1, receivedAt: time.Now().Add(-5 * time.Second), objectIDs: ids}}); n != 1 {
+		t.Fatalf("resumed %d callbacks, want 1", n)
+	}
+	eventually(t, landWithin, "the taken-over lookups queued", func() bool { return p.fetcher.waiting.Load() == 48 })
+	err := p.pipe.admission.check(p.fetcher.countNew([]int64{100, 101}))
+	var o *overloaded
+	if !errors.As(err, &o) || o.reason != "queue_wait" {
+		t.Errorf("a new callback while 48 taken-over lookups wait for 2 slots: %v, want shed for queue_wait", err)
 	}
 }
