@@ -28,7 +28,7 @@ func TestAdmissionShedsOnlyNewIDsPastTheBound(t *testing.T) {
 			m := newMetrics()
 			f := newFetcher(cfg, instantObjects{}, (&savedRows{}).save, discardLogger(), m, &guard{log: discardLogger(), metrics: m})
 			f.slots.setLimit(100)
-			f.meter.observe(time.Second, true)
+			f.meter.observe(time.Second, true, false)
 			l := newFetchLimiter(f.slots, &f.meter, &f.waiting, nil, m)
 			a := newAdmission(cfg, f, l, m)
 			f.waiting.Store(tt.waiting)

@@ -203,7 +203,7 @@ func (f *fetcher) fetch(ctx context.Context, fl *flight) {
 	online, kind, err := f.attempt(ctx, fl.id, deadline)
 	took := time.Since(start)
 	f.release()
-	f.meter.observe(took, err == nil)
+	f.meter.observe(took, err == nil, took > time.Duration(slowAnswerShare*float64(f.fetchTimeout)))
 	f.metrics.fetches.Inc(kind)
 	f.metrics.fetchLatency.Observe(took.Seconds())
 	// Running out of file descriptors is not the object service's fault,

@@ -155,6 +155,7 @@ type fetchMeter struct {
 	mu       sync.Mutex
 	latency  float64 // moving average of an attempt with a valid answer, seconds
 	answered int     // valid answers since the last tick
+	slow     int     // of them, those near the time limit
 	failed   int     // failed attempts since the last tick
 	rate     float64 // moving average of valid answers per second while saturated
 }
@@ -167,11 +168,13 @@ const (
 	initialLatency = time.Second
 )
 
-// observe records one attempt; ok says whether it got a valid answer.
-// Only valid answers count toward the rate and the latency: a 500 that
-// comes at once says nothing of how long an answer takes, and a burst of
-// them at the start of an outage must not make the capacity look larger.
-func (m *fetchMeter) observe(d time.Duration, ok bool) {
+// observe records one attempt; ok says whether it got a valid answer, slow
+// whether that answer came near the time limit (a sign of distress, like a
+// failure, for the limiter). Only valid answers count toward the rate and
+// the latency: a 500 that comes at once says nothing of how long an answer
+// takes, and a burst of them at the start of an outage must not make the
+// capacity look larger.
+func (m *fetchMeter) observe(d time.Duration, ok, slow bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if !ok {
@@ -179,6 +182,9 @@ func (m *fetchMeter) observe(d time.Duration, ok bool) {
 		return
 	}
 	m.answered++
+	if slow {
+		m.slow++
+	}
 	if m.latency == 0 { // the first answer replaces the guess
 		m.latency = d.Seconds()
 		return
@@ -186,7 +192,8 @@ func (m *fetchMeter) observe(d time.Duration, ok bool) {
 	m.latency += latencyWeight * (d.Seconds() - m.latency)
 }
 
-// fetchSample is what the meter saw in one tick.
+// fetchSample is what the meter saw in one tick: attempts, and of them
+// those in distress (failed, or answered near the time limit).
 type fetchSample struct{ attempts, failed int64 }
 
 // tick closes one limiter tick and returns its attempts. The rate learns
@@ -199,8 +206,8 @@ func (m *fetchMeter) tick(saturated bool, every time.Duration) fetchSample {
 	if saturated {
 		m.rate += rateWeight * (float64(m.answered)/every.Seconds() - m.rate)
 	}
-	s := fetchSample{attempts: int64(m.answered + m.failed), failed: int64(m.failed)}
-	m.answered, m.failed = 0, 0
+	s := fetchSample{attempts: int64(m.answered + m.failed), failed: int64(m.failed + m.slow)}
+	m.answered, m.slow, m.failed = 0, 0, 0
 	return s
 }
 
@@ -236,7 +243,8 @@ func (m *fetchMeter) capacity(limit int) float64 {
 //
 // The object service's own distress cuts the limit the same way: when more
 // than failShare of the attempts of the window failed (errors, invalid
-// answers, timeouts), fewer at once is what an overloaded object service
+// answers, timeouts) or answered slowly (past slowAnswerShare of
+// -fetch-timeout), fewer at once is what an overloaded object service
 // needs. While it fails nearly everything the dispatcher only probes it
 // (probeEvery), and the limit holds still.
 //
@@ -264,6 +272,11 @@ type fetchLimiter struct {
 // attempts failed. A quarter of answers failing at random (a flaky
 // service) is paced by retries, not cut; most failing is overload.
 const failShare = 0.5
+
+// slowAnswerShare: a valid answer later than this share of -fetch-timeout
+// counts as distress; the reference object service answers within 4 s of
+// the default 5 s limit, so only its slowest few percent do.
+const slowAnswerShare = 0.75
 
 func newFetchLimiter(slots *fetchSlots, meter *fetchMeter, waiting *atomic.Int64, lag func() lagSample, m *metrics) *fetchLimiter {
 	m.fetchLimit.Set(int64(slots.limit()))

@@ -215,9 +215,9 @@ func TestUpstreamHealthJudgesAWindow(t *testing.T) {
 // keeps the capacity measured while it answered.
 func TestFetchMeterLearnsOnlyFromAnswers(t *testing.T) {
 	var m fetchMeter
-	m.observe(2*time.Second, true)
+	m.observe(2*time.Second, true, false)
 	for range 50 {
-		m.observe(time.Millisecond, false)
+		m.observe(time.Millisecond, false, false)
 	}
 	if m.latency != 2 {
 		t.Errorf("latency %vs after fast failures, want 2s (answers only)", m.latency)
@@ -229,7 +229,7 @@ func TestFetchMeterLearnsOnlyFromAnswers(t *testing.T) {
 		t.Errorf("rate %v after a tick of 1 answer and 50 failures, want 0.2", m.rate)
 	}
 	rate := m.rate
-	m.observe(time.Millisecond, true)
+	m.observe(time.Millisecond, true, false)
 	m.tick(false, time.Second) // probing: not saturated as far as the rate goes
 	if m.rate != rate {
 		t.Errorf("rate moved from %v to %v on an unsaturated tick", rate, m.rate)
@@ -277,5 +277,21 @@ func TestAdmissionCountsTakenOverWork(t *testing.T) {
 	var o *overloaded
 	if !errors.As(err, &o) || o.reason != "queue_wait" {
 		t.Errorf("a new callback while 48 taken-over lookups wait for 2 slots: %v, want shed for queue_wait", err)
+	}
+}
+
+// Answers near the time limit are distress too: the limiter cuts when most
+// attempts fail or answer slowly.
+func TestFetchMeterCountsSlowAnswersAsDistress(t *testing.T) {
+	var m fetchMeter
+	for range 6 {
+		m.observe(4*time.Second, true, true)
+	}
+	for range 4 {
+		m.observe(time.Second, true, false)
+	}
+	m.observe(time.Millisecond, false, false)
+	if s := m.tick(true, time.Second); s.attempts != 11 || s.failed != 7 {
+		t.Errorf("tick %+v, want 11 attempts, 7 in distress (6 slow, 1 failed)", s)
 	}
 }
