@@ -59,6 +59,10 @@ func (p *pipeline) accept(receivedAt time.Time, objectIDs []int64) (accepted, er
 		return accepted{}, err
 	}
 	cb := newCallback(receivedAt, objectIDs)
+	// The write is begun before the callback is visible in held: the
+	// journal keeper begins a write of every callback it finds there
+	// without one, and two writes of one callback must never run.
+	cb.beginJournal()
 	if err := p.admit(cb); err != nil {
 		return accepted{}, err
 	}
@@ -118,13 +122,13 @@ func (p *pipeline) hold(cb *callback) error {
 	return nil
 }
 
-// journal writes cb's journal row, waiting for it at most -journal-timeout.
-// A write still in progress then goes on; the callback is answered anyway,
-// since the sender gives up after 1s, and the late commit is counted.
+// journal writes cb's journal row, whose write the caller has begun
+// (cb.beginJournal), waiting for it at most -journal-timeout. A write still
+// in progress then goes on; the callback is answered anyway, since the
+// sender gives up after 1s, and the late commit is counted.
 func (p *pipeline) journal(cb *callback) bool {
 	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.journalTimeout)
 	defer cancel()
-	cb.beginJournal()
 	p.writer.journal(ctx, cb)
 	return !cb.answerEarly() && cb.journaled()
 }

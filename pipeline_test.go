@@ -1,0 +1,96 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"testing"
+	"time"
+)
+
+// A callback being accepted is never journaled twice. The journal keeper
+// looks for callbacks in memory without a row; it must never begin a write
+// of one whose accept has not begun its own yet, or both writes end the
+// callback's journal state and the second panics (close of a nil channel),
+// leaving the callback to wait for a write that never ends.
+func TestAcceptAndRejournalNeverWriteOneCallbackTwice(t *testing.T) {
+	a := testApp(t, testConfig(t), nil)
+	// Known to be down (the DSN leads nowhere): accept's write and the
+	// keeper's both fail at once, so the two race as fast as they can.
+	a.db.setUp(errors.New("down"))
+	ctx := context.Background()
+
+	stop := make(chan struct{})
+	var keeper sync.WaitGroup
+	keeper.Add(1)
+	go func() {
+		defer keeper.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			func() {
+				defer a.guard.catch("test rejournal")
+				a.keeper.rejournal(ctx)
+			}()
+		}
+	}()
+	const callbacks = 3000
+	accepted := 0
+	for range callbacks {
+		func() {
+			defer a.guard.catch("test accept")
+			// No ids: nothing to fetch, the callback waits for its apply.
+			if _, err := a.pipe.accept(time.Now(), []int64{}); err == nil {
+				accepted++
+			}
+		}()
+	}
+	close(stop)
+	keeper.Wait()
+	if n := a.metrics.panics.Value(); n != 0 {
+		t.Errorf("%d panics accepting %d callbacks while the keeper rejournals, want 0", n, accepted)
+	}
+	for _, cb := range a.pipe.unfinished() {
+		cb.jmu.Lock()
+		state := cb.jstate
+		cb.jmu.Unlock()
+		if state == journalWriting {
+			t.Fatalf("callback %d is still marked as being journaled, with no write under way", cb.journalID)
+		}
+	}
+}
+
+// Ending a journal write twice (a bug elsewhere) must not panic, and a
+// committed row is not forgotten by a second, failed end.
+func TestEndJournalTwiceIsHarmless(t *testing.T) {
+	tests := []struct {
+		first, second bool
+		want          journalState
+	}{
+		{true, true, journalWritten},
+		{true, false, journalWritten},
+		{false, true, journalWritten},
+		{false, false, journalMissing},
+	}
+	for _, tt := range tests {
+		cb := newCallback(time.Now(), []int64{1})
+		if !cb.beginJournal() {
+			t.Fatal("beginJournal on a new callback refused")
+		}
+		cb.endJournal(tt.first)
+		func() {
+			defer func() {
+				if r := recover(); r != nil {
+					t.Errorf("end(%v) then end(%v): panic %v", tt.first, tt.second, r)
+				}
+			}()
+			cb.endJournal(tt.second)
+		}()
+		if cb.jstate != tt.want {
+			t.Errorf("end(%v) then end(%v): state %d, want %d", tt.first, tt.second, cb.jstate, tt.want)
+		}
+	}
+}
