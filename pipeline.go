@@ -258,18 +258,55 @@ func (p *pipeline) process(cb *callback) {
 	p.forget(cb)
 }
 
-// recoverTimeout bounds parking a callback whose processing panicked.
-const recoverTimeout = 2 * time.Second
+// Parking a callback whose processing panicked: each attempt is bounded by
+// recoverTimeout; a failed one (the database is away) is retried after a
+// backoff that grows from recoverRetryMin to recoverRetryMax, so a long
+// outage costs a try every couple of seconds.
+const (
+	recoverTimeout  = 2 * time.Second
+	recoverRetryMin = 100 * time.Millisecond
+	recoverRetryMax = 2 * time.Second
+)
 
 // recoverCallback hands a callback whose processing panicked back to the
-// journal with an expired lease, so that it is replayed rather than lost.
+// journal with an expired lease, so that it is replayed from the start
+// (here or by another instance) rather than lost. A failed park is retried
+// until the callback's deadline; meanwhile the callback stays in memory, so
+// that a shutdown parks it with the rest. A panic that repeats does not
+// spin: each replay waits for the journal keeper to take the row over.
 func (p *pipeline) recoverCallback(cb *callback) {
-	ctx, cancel := context.WithTimeout(p.ctx, recoverTimeout)
-	defer cancel()
-	if err := p.writer.park(ctx, []*callback{cb}); err != nil {
-		p.log.Error("could not journal a callback after a panic; it is lost", "journal_id", cb.journalID, "ids", len(cb.objectIDs), "err", err)
+	// A journal write still in progress could commit after the park and
+	// take the row back under this instance's lease, where no one would
+	// work it: wait for it first.
+	if cb.closeJournal(p.ctx) != nil {
+		return
 	}
-	p.forget(cb)
+	deadline := cb.receivedAt.Add(p.cfg.ttl)
+	backoff := recoverRetryMin
+	for {
+		ctx, cancel := context.WithTimeout(p.ctx, recoverTimeout)
+		err := p.writer.park(ctx, []*callback{cb})
+		cancel()
+		switch {
+		case err == nil:
+			p.forget(cb)
+			return
+		case p.ctx.Err() != nil:
+			return // shutdown parks what is left in memory
+		}
+		pause := jitter(backoff)
+		if time.Now().Add(pause).After(deadline) {
+			p.log.Error("could not journal a callback after a panic before its deadline; it is dropped", "journal_id", cb.journalID, "ids", len(cb.objectIDs), "err", err)
+			p.metrics.callbacksExpired.Inc()
+			p.forget(cb)
+			return
+		}
+		p.guard.warn("could not journal a callback after a panic; retrying", "journal_id", cb.journalID, "err", err)
+		if !sleep(p.ctx, pause) {
+			return
+		}
+		backoff = min(2*backoff, recoverRetryMax)
+	}
 }
 
 // unwindTimeout is how long drain waits, after aborting, for callbacks to

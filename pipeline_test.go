@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"errors"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -92,5 +93,48 @@ func TestEndJournalTwiceIsHarmless(t *testing.T) {
 		if cb.jstate != tt.want {
 			t.Errorf("end(%v) then end(%v): state %d, want %d", tt.first, tt.second, cb.jstate, tt.want)
 		}
+	}
+}
+
+// A callback whose processing panicked is parked in the journal for a
+// replay; while the park fails (the database is away) the callback stays in
+// memory and the park is retried, until it lands.
+func TestCallbackParkedAfterPanicOutlastsTheDatabase(t *testing.T) {
+	dsn := testDSN(t)
+	proxy := newTCPProxy(t, dsn)
+	a := testApp(t, testConfig(t, "-dsn", proxy.dsn(t, dsn)), nil)
+	db := openDB(t, dsn)
+	proxy.setUp(true)
+	a.db.setUp(a.db.applySchema(context.Background()))
+	proxy.setUp(false)
+
+	cb := newCallback(at(time.Now()), []int64{2})
+	if err := a.pipe.adopt(cb); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		defer a.pipe.wg.Done() // as process does
+		a.pipe.recoverCallback(cb)
+	}()
+	eventually(t, recoverTimeout*2, "a failed park", func() bool { return a.metrics.dbErrors.Value("park") > 0 })
+	if !slices.Contains(a.pipe.unfinished(), cb) {
+		t.Fatal("the callback was forgotten when its park failed")
+	}
+	proxy.setUp(true)
+	// Retried within recoverRetryMax; the bound is the TTL.
+	eventually(t, landWithin, "the callback parked", func() bool {
+		var owner string
+		err := db.QueryRow(`SELECT owner FROM callback_journal WHERE id = $1`, cb.journalID).Scan(&owner)
+		return err == nil && owner == parkedOwner
+	})
+	select {
+	case <-done:
+	case <-time.After(landWithin):
+		t.Fatal("recoverCallback did not return after the park")
+	}
+	if slices.Contains(a.pipe.unfinished(), cb) {
+		t.Error("the callback is still in memory after it was parked")
 	}
 }
