@@ -111,15 +111,31 @@ func (p *pipeline) adopt(cb *callback) error {
 
 // hold adds cb to the callbacks in memory; p.mu is held.
 func (p *pipeline) hold(cb *callback) error {
+	if err := p.put(cb); err != nil {
+		return err
+	}
+	p.wg.Add(1)
+	return nil
+}
+
+// put records cb among the callbacks in memory; p.mu is held.
+func (p *pipeline) put(cb *callback) error {
 	if _, dup := p.held[cb.journalID]; dup {
 		return errDuplicate
 	}
 	p.held[cb.journalID] = cb
 	p.heldIDs += len(cb.objectIDs)
-	p.wg.Add(1)
 	p.metrics.callbacksInMemory.Set(int64(len(p.held)))
 	p.metrics.idsInMemory.Set(int64(p.heldIDs))
 	return nil
+}
+
+// restore puts back a callback that forget took out while its goroutine
+// goes on (recoverCallback), unless it was taken over meanwhile.
+func (p *pipeline) restore(cb *callback) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.put(cb)
 }
 
 // journal writes cb's journal row, whose write the caller has begun
@@ -271,9 +287,10 @@ const (
 // recoverCallback hands a callback whose processing panicked back to the
 // journal with an expired lease, so that it is replayed from the start
 // (here or by another instance) rather than lost. A failed park is retried
-// until the callback's deadline; meanwhile the callback stays in memory, so
-// that a shutdown parks it with the rest. A panic that repeats does not
-// spin: each replay waits for the journal keeper to take the row over.
+// until the callback's deadline; between attempts the callback is in
+// memory, so that a shutdown parks it with the rest. A panic that repeats
+// does not spin: each replay waits for the journal keeper to take the row
+// over.
 func (p *pipeline) recoverCallback(cb *callback) {
 	// A journal write still in progress could commit after the park and
 	// take the row back under this instance's lease, where no one would
@@ -284,15 +301,20 @@ func (p *pipeline) recoverCallback(cb *callback) {
 	deadline := cb.receivedAt.Add(p.cfg.ttl)
 	backoff := recoverRetryMin
 	for {
+		// Out of memory before the park commits: the journal keeper may
+		// take the parked row over at once, and must then be able to
+		// adopt it.
+		p.forget(cb)
 		ctx, cancel := context.WithTimeout(p.ctx, recoverTimeout)
 		err := p.writer.park(ctx, []*callback{cb})
 		cancel()
-		switch {
-		case err == nil:
-			p.forget(cb)
+		if err == nil {
 			return
-		case p.ctx.Err() != nil:
-			return // shutdown parks what is left in memory
+		}
+		// A park whose commit went unheard may have landed and been
+		// taken over: then the row is worked, and this is done.
+		if p.restore(cb) != nil || p.ctx.Err() != nil {
+			return
 		}
 		pause := jitter(backoff)
 		if time.Now().Add(pause).After(deadline) {
