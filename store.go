@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"database/sql"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -247,9 +248,10 @@ func (s *store) dropExpired(ctx context.Context, cutoff time.Time) (int64, error
 // The claim commits only once every row has been read: a claim cut short
 // (ctx ends, the connection drops) rolls back and leaves its rows to the
 // next claim, instead of leasing rows to this instance that it never heard
-// of and so never works. A failed commit may still have committed, so the
-// rows are returned with its error, to be worked all the same (a row that
-// stayed claimable may be worked twice; the upserts are idempotent).
+// of and so never works. A commit that failed on the way may still have
+// committed, so the rows are then returned with its error, to be worked all
+// the same (a row that stayed claimable may be worked twice; the upserts
+// are idempotent); a transaction rolled back as ctx ended returns none.
 func (s *store) claim(ctx context.Context, now, leaseUntil, receivedSince time.Time, limit int) ([]journalRow, error) {
 	tx, err := s.db.main.BeginTx(ctx, nil)
 	if err != nil {
@@ -262,8 +264,15 @@ func (s *store) claim(ctx context.Context, now, leaseUntil, receivedSince time.T
 		s.metrics.dbErrors.Inc("claim")
 		return nil, err
 	}
+	if ctx.Err() != nil { // the transaction is rolled back, its rows left
+		s.metrics.dbErrors.Inc("claim")
+		return nil, fmt.Errorf("claim journal rows: %w", ctx.Err())
+	}
 	if err := tx.Commit(); err != nil {
 		s.metrics.dbErrors.Inc("claim")
+		if errors.Is(err, sql.ErrTxDone) { // rolled back as ctx ended
+			return nil, fmt.Errorf("claim journal rows: commit: %w", err)
+		}
 		return out, fmt.Errorf("claim journal rows: commit: %w", err)
 	}
 	return out, nil
