@@ -93,10 +93,18 @@ func (cb *callback) beginJournal() bool {
 }
 
 // endJournal records the outcome of the write begun by beginJournal and says
-// whether the handler had already answered.
+// whether the handler had already answered. A second end of one write (a
+// bug elsewhere) changes nothing but a missing row that it says committed:
+// it must not take down the writer that calls it.
 func (cb *callback) endJournal(committed bool) (answeredBefore bool) {
 	cb.jmu.Lock()
 	defer cb.jmu.Unlock()
+	if cb.jstate != journalWriting {
+		if committed && cb.jstate == journalMissing {
+			cb.jstate = journalWritten
+		}
+		return false
+	}
 	cb.jstate = journalMissing
 	if committed {
 		cb.jstate = journalWritten

@@ -122,9 +122,12 @@ func (k *journalKeeper) rejournal(ctx context.Context) {
 }
 
 // writeRows writes the rows of callbacks that were accepted into memory
-// only; the caller has called beginJournal on each.
+// only; the caller has called beginJournal on each. A panic in the write is
+// a failed write: the callbacks stay in memory for the next round.
 func (k *journalKeeper) writeRows(ctx context.Context, cbs []*callback) error {
-	err := k.store.insertJournal(ctx, k.db.main, journalRows(cbs), k.store.owner, time.Now().Add(k.lease))
+	err := attempt(k.guard, "rejournal", func() error {
+		return k.store.insertJournal(ctx, k.db.main, journalRows(cbs), k.store.owner, time.Now().Add(k.lease))
+	})
 	if err != nil {
 		k.metrics.dbErrors.Inc("journal")
 	}

@@ -59,6 +59,10 @@ func (p *pipeline) accept(receivedAt time.Time, objectIDs []int64) (accepted, er
 		return accepted{}, err
 	}
 	cb := newCallback(receivedAt, objectIDs)
+	// The write is begun before the callback is visible in held: the
+	// journal keeper begins a write of every callback it finds there
+	// without one, and two writes of one callback must never run.
+	cb.beginJournal()
 	if err := p.admit(cb); err != nil {
 		return accepted{}, err
 	}
@@ -107,24 +111,40 @@ func (p *pipeline) adopt(cb *callback) error {
 
 // hold adds cb to the callbacks in memory; p.mu is held.
 func (p *pipeline) hold(cb *callback) error {
+	if err := p.put(cb); err != nil {
+		return err
+	}
+	p.wg.Add(1)
+	return nil
+}
+
+// put records cb among the callbacks in memory; p.mu is held.
+func (p *pipeline) put(cb *callback) error {
 	if _, dup := p.held[cb.journalID]; dup {
 		return errDuplicate
 	}
 	p.held[cb.journalID] = cb
 	p.heldIDs += len(cb.objectIDs)
-	p.wg.Add(1)
 	p.metrics.callbacksInMemory.Set(int64(len(p.held)))
 	p.metrics.idsInMemory.Set(int64(p.heldIDs))
 	return nil
 }
 
-// journal writes cb's journal row, waiting for it at most -journal-timeout.
-// A write still in progress then goes on; the callback is answered anyway,
-// since the sender gives up after 1s, and the late commit is counted.
+// restore puts back a callback that forget took out while its goroutine
+// goes on (recoverCallback), unless it was taken over meanwhile.
+func (p *pipeline) restore(cb *callback) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.put(cb)
+}
+
+// journal writes cb's journal row, whose write the caller has begun
+// (cb.beginJournal), waiting for it at most -journal-timeout. A write still
+// in progress then goes on; the callback is answered anyway, since the
+// sender gives up after 1s, and the late commit is counted.
 func (p *pipeline) journal(cb *callback) bool {
 	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.journalTimeout)
 	defer cancel()
-	cb.beginJournal()
 	p.writer.journal(ctx, cb)
 	return !cb.answerEarly() && cb.journaled()
 }
@@ -254,18 +274,61 @@ func (p *pipeline) process(cb *callback) {
 	p.forget(cb)
 }
 
-// recoverTimeout bounds parking a callback whose processing panicked.
-const recoverTimeout = 2 * time.Second
+// Parking a callback whose processing panicked: each attempt is bounded by
+// recoverTimeout; a failed one (the database is away) is retried after a
+// backoff that grows from recoverRetryMin to recoverRetryMax, so a long
+// outage costs a try every couple of seconds.
+const (
+	recoverTimeout  = 2 * time.Second
+	recoverRetryMin = 100 * time.Millisecond
+	recoverRetryMax = 2 * time.Second
+)
 
 // recoverCallback hands a callback whose processing panicked back to the
-// journal with an expired lease, so that it is replayed rather than lost.
+// journal with an expired lease, so that it is replayed from the start
+// (here or by another instance) rather than lost. A failed park is retried
+// until the callback's deadline; between attempts the callback is in
+// memory, so that a shutdown parks it with the rest. A panic that repeats
+// does not spin: each replay waits for the journal keeper to take the row
+// over.
 func (p *pipeline) recoverCallback(cb *callback) {
-	ctx, cancel := context.WithTimeout(p.ctx, recoverTimeout)
-	defer cancel()
-	if err := p.writer.park(ctx, []*callback{cb}); err != nil {
-		p.log.Error("could not journal a callback after a panic; it is lost", "journal_id", cb.journalID, "ids", len(cb.objectIDs), "err", err)
+	// A journal write still in progress could commit after the park and
+	// take the row back under this instance's lease, where no one would
+	// work it: wait for it first.
+	if cb.closeJournal(p.ctx) != nil {
+		return
 	}
-	p.forget(cb)
+	deadline := cb.receivedAt.Add(p.cfg.ttl)
+	backoff := recoverRetryMin
+	for {
+		// Out of memory before the park commits: the journal keeper may
+		// take the parked row over at once, and must then be able to
+		// adopt it.
+		p.forget(cb)
+		ctx, cancel := context.WithTimeout(p.ctx, recoverTimeout)
+		err := p.writer.park(ctx, []*callback{cb})
+		cancel()
+		if err == nil {
+			return
+		}
+		// A park whose commit went unheard may have landed and been
+		// taken over: then the row is worked, and this is done.
+		if p.restore(cb) != nil || p.ctx.Err() != nil {
+			return
+		}
+		pause := jitter(backoff)
+		if time.Now().Add(pause).After(deadline) {
+			p.log.Error("could not journal a callback after a panic before its deadline; it is dropped", "journal_id", cb.journalID, "ids", len(cb.objectIDs), "err", err)
+			p.metrics.callbacksExpired.Inc()
+			p.forget(cb)
+			return
+		}
+		p.guard.warn("could not journal a callback after a panic; retrying", "journal_id", cb.journalID, "err", err)
+		if !sleep(p.ctx, pause) {
+			return
+		}
+		backoff = min(2*backoff, recoverRetryMax)
+	}
 }
 
 // unwindTimeout is how long drain waits, after aborting, for callbacks to

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"database/sql"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -243,8 +244,43 @@ func (s *store) dropExpired(ctx context.Context, cutoff time.Time) (int64, error
 // parked them) and that were received since receivedSince, oldest first,
 // leasing them until leaseUntil. SKIP LOCKED lets several instances claim
 // at once without waiting for or double-claiming a row.
+//
+// The claim commits only once every row has been read: a claim cut short
+// (ctx ends, the connection drops) rolls back and leaves its rows to the
+// next claim, instead of leasing rows to this instance that it never heard
+// of and so never works. A commit that failed on the way may still have
+// committed, so the rows are then returned with its error, to be worked all
+// the same (a row that stayed claimable may be worked twice; the upserts
+// are idempotent); a transaction rolled back as ctx ended returns none.
 func (s *store) claim(ctx context.Context, now, leaseUntil, receivedSince time.Time, limit int) ([]journalRow, error) {
-	rows, err := s.db.main.QueryContext(ctx, `
+	tx, err := s.db.main.BeginTx(ctx, nil)
+	if err != nil {
+		s.metrics.dbErrors.Inc("claim")
+		return nil, fmt.Errorf("claim journal rows: begin: %w", err)
+	}
+	defer tx.Rollback() // a no-op once committed
+	out, err := claimRows(ctx, tx, s.owner, now, leaseUntil, receivedSince, limit)
+	if err != nil {
+		s.metrics.dbErrors.Inc("claim")
+		return nil, err
+	}
+	if ctx.Err() != nil { // the transaction is rolled back, its rows left
+		s.metrics.dbErrors.Inc("claim")
+		return nil, fmt.Errorf("claim journal rows: %w", ctx.Err())
+	}
+	if err := tx.Commit(); err != nil {
+		s.metrics.dbErrors.Inc("claim")
+		if errors.Is(err, sql.ErrTxDone) { // rolled back as ctx ended
+			return nil, fmt.Errorf("claim journal rows: commit: %w", err)
+		}
+		return out, fmt.Errorf("claim journal rows: commit: %w", err)
+	}
+	return out, nil
+}
+
+// claimRows runs claim's statement in tx and reads every row it returns.
+func claimRows(ctx context.Context, tx *sql.Tx, owner string, now, leaseUntil, receivedSince time.Time, limit int) ([]journalRow, error) {
+	rows, err := tx.QueryContext(ctx, `
 		UPDATE callback_journal SET owner = $1, lease_until = $2
 		WHERE id IN (
 			SELECT j.id FROM callback_journal j
@@ -252,9 +288,8 @@ func (s *store) claim(ctx context.Context, now, leaseUntil, receivedSince time.T
 			  AND NOT EXISTS (SELECT 1 FROM journal_owners o WHERE o.owner = j.owner AND o.lease_until >= $3)
 			ORDER BY j.received_at LIMIT $5 FOR UPDATE OF j SKIP LOCKED)
 		RETURNING id, received_at, object_ids`,
-		s.owner, pgTime(leaseUntil), pgTime(now), pgTime(receivedSince), limit)
+		owner, pgTime(leaseUntil), pgTime(now), pgTime(receivedSince), limit)
 	if err != nil {
-		s.metrics.dbErrors.Inc("claim")
 		return nil, fmt.Errorf("claim journal rows: %w", err)
 	}
 	defer rows.Close()
@@ -263,14 +298,13 @@ func (s *store) claim(ctx context.Context, now, leaseUntil, receivedSince time.T
 		var r journalRow
 		var ids pq.Int64Array
 		if err := rows.Scan(&r.journalID, &r.receivedAt, &ids); err != nil {
-			return out, fmt.Errorf("scan journal row: %w", err)
+			return nil, fmt.Errorf("claim journal rows: scan: %w", err)
 		}
 		r.objectIDs = ids
 		out = append(out, r)
 	}
 	if err := rows.Err(); err != nil {
-		s.metrics.dbErrors.Inc("claim")
-		return out, fmt.Errorf("claim journal rows: %w", err)
+		return nil, fmt.Errorf("claim journal rows: read: %w", err)
 	}
 	return out, nil
 }

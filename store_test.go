@@ -1,9 +1,17 @@
 package main
 
 import (
+	"bufio"
+	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
+	"io"
+	"net"
+	"net/url"
 	"slices"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -240,5 +248,185 @@ func TestJournalRowsRoundTrip(t *testing.T) {
 			t.Errorf("row %d: got %d at %s with %d ids, want %d at %s with %d ids", i,
 				got[i].journalID, got[i].receivedAt, len(got[i].objectIDs), want[i].journalID, want[i].receivedAt, len(want[i].objectIDs))
 		}
+	}
+}
+
+// cutProxy sits between the service and PostgreSQL and cuts one answer off
+// part way: once a client has sent a statement containing match, it passes
+// on only the first `rows` rows of the answer, reads the rest of it from
+// the server up to its end (ReadyForQuery, so that whatever the server
+// commits, it commits), and then drops that connection. Every other
+// exchange passes through.
+type cutProxy struct {
+	t       testing.TB
+	ln      net.Listener
+	backend string
+	match   []byte
+	rows    int
+	done    atomic.Bool // the one cut has been armed
+	cutDone chan struct{}
+}
+
+func newCutProxy(t testing.TB, dsn, match string, rows int) (*cutProxy, string) {
+	t.Helper()
+	u, err := url.Parse(dsn)
+	if err != nil || u.Host == "" {
+		t.Fatalf("the cut proxy needs DATABASE_URL as a postgres:// URL, got %q", dsn)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &cutProxy{t: t, ln: ln, backend: u.Host, match: []byte(match), rows: rows, cutDone: make(chan struct{})}
+	var conns sync.WaitGroup
+	t.Cleanup(func() { ln.Close(); conns.Wait() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			b, err := net.Dial("tcp", p.backend)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			var armed atomic.Bool
+			conns.Add(2)
+			go func() { defer conns.Done(); p.fromClient(c, b, &armed) }()
+			go func() { defer conns.Done(); p.fromServer(c, b, &armed) }()
+		}
+	}()
+	u.Host = ln.Addr().String()
+	return p, u.String()
+}
+
+// fromClient passes what the client sends, arming the cut when the
+// statement goes by.
+func (p *cutProxy) fromClient(c, b net.Conn, armed *atomic.Bool) {
+	defer b.Close()
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := c.Read(buf)
+		if n > 0 {
+			if bytes.Contains(buf[:n], p.match) && p.done.CompareAndSwap(false, true) {
+				armed.Store(true)
+			}
+			if _, werr := b.Write(buf[:n]); werr != nil {
+				return
+			}
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+// fromServer passes the server's messages on, whole, and makes the cut.
+func (p *cutProxy) fromServer(c, b net.Conn, armed *atomic.Bool) {
+	defer c.Close()
+	defer b.Close()
+	r := bufio.NewReader(b)
+	passed, cutting := 0, false
+	for {
+		var head [5]byte
+		if _, err := io.ReadFull(r, head[:]); err != nil {
+			return
+		}
+		msg := make([]byte, 5+int(binary.BigEndian.Uint32(head[1:]))-4)
+		copy(msg, head[:])
+		if _, err := io.ReadFull(r, msg[5:]); err != nil {
+			return
+		}
+		if cutting {
+			if head[0] == 'Z' { // the answer is over, commit included
+				close(p.cutDone)
+				return
+			}
+			continue
+		}
+		if armed.Load() && head[0] == 'D' {
+			if passed == p.rows {
+				cutting = true
+				continue
+			}
+			passed++
+		}
+		if _, err := c.Write(msg); err != nil {
+			return
+		}
+	}
+}
+
+// A claim whose answer is cut off part way (the connection drops after the
+// server ran the statement) leaves no row under this instance's lease that
+// is not taken into memory: each row is either in what the claim returned,
+// to be worked, or left for the next claim to take.
+func TestClaimCutOffLeavesNoRowUnworked(t *testing.T) {
+	dsn := testDSN(t)
+	proxy, via := newCutProxy(t, dsn, "UPDATE callback_journal SET owner", 2)
+	a := testApp(t, testConfig(t, "-dsn", via, "-lease", "5s", "-ttl", "30s"), nil)
+	ctx := context.Background()
+	if err := a.db.applySchema(ctx); err != nil {
+		t.Fatal(err)
+	}
+	a.db.setUp(nil)
+	db := openDB(t, dsn)
+
+	now := at(time.Now())
+	var parked []journalRow
+	for i := range 5 {
+		parked = append(parked, journalRow{journalID: int64(100 + i), receivedAt: now.Add(time.Duration(i) * time.Millisecond), objectIDs: []int64{int64(i)}})
+	}
+	if err := a.store.insertJournal(ctx, a.db.main, parked, parkedOwner, now.Add(-time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	// This instance's lease lives: rows it owns are nobody else's to take.
+	if err := a.store.renewLease(ctx, now.Add(time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	claimAt := time.Now()
+	got, err := a.store.claim(ctx, claimAt, claimAt.Add(5*time.Second), claimAt.Add(-30*time.Second), 10)
+	if err == nil {
+		t.Fatalf("claim through a connection cut after 2 of 5 rows succeeded with %d rows", len(got))
+	}
+	select {
+	case <-proxy.cutDone:
+	case <-time.After(landWithin):
+		t.Fatal("the proxy never cut the claim's answer")
+	}
+	inMemory := map[int64]bool{}
+	for _, r := range got {
+		inMemory[r.journalID] = true
+	}
+	// The server ends the cut connection's transaction as it notices the
+	// drop; the bound is the lease, past which the question is moot.
+	var stranded []int64
+	eventually(t, 5*time.Second, "every claimed row taken into memory or claimable again", func() bool {
+		rows, err := db.Query(`SELECT id FROM callback_journal WHERE owner = $1`, a.store.owner)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer rows.Close()
+		stranded = stranded[:0]
+		for rows.Next() {
+			var id int64
+			if err := rows.Scan(&id); err != nil {
+				t.Fatal(err)
+			}
+			if !inMemory[id] {
+				stranded = append(stranded, id)
+			}
+		}
+		return rows.Err() == nil && len(stranded) == 0
+	})
+	// The next claim takes whatever the cut one did not return.
+	now2 := time.Now()
+	again, err := a.store.claim(ctx, now2, now2.Add(5*time.Second), now2.Add(-30*time.Second), 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got)+len(again) != len(parked) {
+		t.Errorf("claimed %d rows, then %d; want %d in all", len(got), len(again), len(parked))
 	}
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"cmp"
 	"context"
+	"fmt"
 	"math/rand/v2"
 	"slices"
 	"sync"
@@ -190,22 +191,57 @@ func (w *writer) runJournalWriter(ctx context.Context, n int) {
 			sleep(ctx, journalGather)
 			batch = collect(ctx, w.journalQ, batch, journalBatch)
 		}
-		w.lag.begin(n, batch[0].cb.receivedAt)
-		err := w.writeJournal(ctx, batch)
-		now := time.Now()
-		w.lag.end(n, now.Sub(batch[0].cb.receivedAt))
-		for _, r := range batch {
-			late := r.cb.endJournal(err == nil)
-			if err == nil {
-				w.metrics.journalWrites.Inc()
-				w.metrics.journalCommit.Observe(now.Sub(r.cb.receivedAt).Seconds())
-				if late {
-					w.metrics.journalLate.Inc()
-				}
-			}
-			r.done <- err
-		}
+		w.journalBatch(ctx, n, batch)
 	}
+}
+
+// journalBatch writes one batch and answers each of its requests once,
+// whatever happens. A panic in an attempt is a failed attempt (see
+// writeJournal); a panic anywhere else answers the rest as failed, so their
+// callbacks stay in memory for the journal keeper to write: a request left
+// unanswered would keep its callback marked as being journaled for good.
+func (w *writer) journalBatch(ctx context.Context, n int, batch []*writeReq) {
+	answered := 0
+	defer func() {
+		if p := recover(); p != nil {
+			w.guard.panicked("journal batch", p)
+			err := fmt.Errorf("journal batch: panic: %v", p)
+			for _, r := range batch[answered:] {
+				r.cb.endJournal(false)
+				r.done <- err
+			}
+		}
+	}()
+	w.lag.begin(n, batch[0].cb.receivedAt)
+	err := w.writeJournal(ctx, batch)
+	now := time.Now()
+	w.lag.end(n, now.Sub(batch[0].cb.receivedAt))
+	for _, r := range batch {
+		late := r.cb.endJournal(err == nil)
+		if err == nil {
+			w.metrics.journalWrites.Inc()
+			w.metrics.journalCommit.Observe(now.Sub(r.cb.receivedAt).Seconds())
+			if late {
+				w.metrics.journalLate.Inc()
+			}
+		}
+		r.done <- err
+		answered++
+	}
+}
+
+// attempt runs one attempt at a statement and turns a panic in it into an
+// error, so that the attempt is retried like any failed one (with backoff:
+// a panic that repeats does not spin) instead of unwinding the writer and
+// losing the requests it holds.
+func attempt(g *guard, where string, fn func() error) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			g.panicked(where, p)
+			err = fmt.Errorf("%s: panic: %v", where, p)
+		}
+	}()
+	return fn()
 }
 
 // writeJournal commits the rows of a batch. While the database is up a
@@ -229,7 +265,9 @@ func (w *writer) writeJournal(ctx context.Context, batch []*writeReq) error {
 			return err
 		}
 		actx, cancel := context.WithTimeout(ctx, journalAttemptTimeout)
-		err := w.store.insertJournal(actx, w.db.journal, rows, w.store.owner, time.Now().Add(w.lease))
+		err := attempt(w.guard, "journal write", func() error {
+			return w.store.insertJournal(actx, w.db.journal, rows, w.store.owner, time.Now().Add(w.lease))
+		})
 		cancel()
 		if err == nil {
 			return nil
@@ -253,7 +291,10 @@ func (w *writer) park(ctx context.Context, cbs []*callback) error {
 	if len(cbs) == 0 {
 		return nil
 	}
-	if err := w.store.insertJournal(ctx, w.db.main, journalRows(cbs), parkedOwner, time.Now().Add(-time.Second)); err != nil {
+	err := attempt(w.guard, "park", func() error {
+		return w.store.insertJournal(ctx, w.db.main, journalRows(cbs), parkedOwner, time.Now().Add(-time.Second))
+	})
+	if err != nil {
 		w.metrics.dbErrors.Inc("park")
 		return err
 	}
@@ -314,10 +355,41 @@ func (w *writer) dropExpired(pending []*writeReq) []*writeReq {
 
 // applyBatch upserts the online objects of a batch of apply requests and
 // deletes the journal rows of the finished callbacks, in one statement, and
-// answers each request. Objects last seen before the TTL are left out (the
-// reaper would delete them at once) but journal rows go whatever their age.
+// answers each request once it has committed; on failure (a panic in the
+// statement included) it answers none, and the caller retries. Objects last
+// seen before the TTL are left out (the reaper would delete them at once)
+// but journal rows go whatever their age.
 func (w *writer) applyBatch(ctx context.Context, batch []*writeReq) error {
 	cutoff := time.Now().Add(-w.ttl)
+	var upserted int64
+	err := attempt(w.guard, "apply", func() (err error) {
+		upserted, err = w.applyStatement(ctx, batch, cutoff)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	w.metrics.rowsUpserted.Add(uint64(upserted))
+	for _, r := range batch {
+		expired := r.receivedAt().Before(cutoff)
+		if r.cb != nil {
+			if expired {
+				w.metrics.callbacksExpired.Inc()
+			} else {
+				w.metrics.callbacksApplied.Inc()
+			}
+		}
+		if expired {
+			r.done <- errExpired
+			continue
+		}
+		r.done <- nil
+	}
+	return nil
+}
+
+// applyStatement runs the statement of applyBatch.
+func (w *writer) applyStatement(ctx context.Context, batch []*writeReq, cutoff time.Time) (int64, error) {
 	var done []int64
 	buf := rowBuffers.Get().(*[]objectRow)
 	defer rowBuffers.Put(buf)
@@ -343,27 +415,7 @@ func (w *writer) applyBatch(ctx context.Context, batch []*writeReq) error {
 		return b.lastSeen.Compare(a.lastSeen)
 	})
 	rows = slices.CompactFunc(rows, func(a, b objectRow) bool { return a.id == b.id })
-	upserted, err := w.store.applyRows(ctx, rows, done)
-	if err != nil {
-		return err
-	}
-	w.metrics.rowsUpserted.Add(uint64(upserted))
-	for _, r := range batch {
-		expired := r.receivedAt().Before(cutoff)
-		if r.cb != nil {
-			if expired {
-				w.metrics.callbacksExpired.Inc()
-			} else {
-				w.metrics.callbacksApplied.Inc()
-			}
-		}
-		if expired {
-			r.done <- errExpired
-			continue
-		}
-		r.done <- nil
-	}
-	return nil
+	return w.store.applyRows(ctx, rows, done)
 }
 
 // rowBuffers holds the buffers apply batches gather their rows in, so that

@@ -2,9 +2,14 @@ package main
 
 import (
 	"context"
+	"database/sql"
+	"database/sql/driver"
 	"errors"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/lib/pq"
 )
 
 // applyNow runs writes as one batch of the apply writer and returns what
@@ -74,4 +79,86 @@ func TestApplyDeletesJournalRowAndSkipsExpired(t *testing.T) {
 	if a.metrics.callbacksApplied.Value() != 1 || a.metrics.callbacksExpired.Value() != 1 {
 		t.Errorf("callbacks applied %d, expired %d; want 1 and 1", a.metrics.callbacksApplied.Value(), a.metrics.callbacksExpired.Value())
 	}
+}
+
+// panicOnce connects to PostgreSQL, except that its first connection
+// attempt panics, as a bug in a driver or in a batch's statement would.
+type panicOnce struct {
+	driver.Connector
+	fired atomic.Bool
+}
+
+func (p *panicOnce) Connect(ctx context.Context) (driver.Conn, error) {
+	if p.fired.CompareAndSwap(false, true) {
+		panic("test: connect panics")
+	}
+	return p.Connector.Connect(ctx)
+}
+
+// panicOncePool is a pool to the test's database whose first connection
+// attempt panics; the pool it replaces is closed when the test ends.
+func panicOncePool(t *testing.T, dsn string, replaced *sql.DB) *sql.DB {
+	t.Helper()
+	conn, err := pq.NewConnector(dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { replaced.Close() })
+	return sql.OpenDB(&panicOnce{Connector: conn})
+}
+
+// A panic while a journal batch is written is a failed attempt: the
+// writer retries it and answers the request, and the callback is not left
+// marked as being journaled (which would hold its apply for good).
+func TestPanicInJournalBatchIsRetried(t *testing.T) {
+	a := dbApp(t)
+	db := openDB(t, a.cfg.dsn)
+	a.db.journal = panicOncePool(t, a.cfg.dsn, a.db.journal)
+	a.loop("journal-writer", func(ctx context.Context) { a.writer.runJournalWriter(ctx, 0) })
+
+	cb := newCallback(at(time.Now()), []int64{2})
+	cb.beginJournal()
+	// Retried within journalRetryMax of the panic; the bound is the TTL.
+	ctx, cancel := context.WithTimeout(context.Background(), landWithin)
+	defer cancel()
+	a.writer.journal(ctx, cb)
+	if !cb.journaled() {
+		t.Fatalf("journal write after a panic: not committed (%v)", ctx.Err())
+	}
+	if err := cb.closeJournal(ctx); err != nil {
+		t.Errorf("closing the journal after a panicked write: %v", err)
+	}
+	if n := a.metrics.panics.Value(); n != 1 {
+		t.Errorf("panics recovered %d, want 1", n)
+	}
+	if n := journalDepth(t, db); n != 1 {
+		t.Errorf("journal depth %d, want 1", n)
+	}
+}
+
+// A panic while an apply batch is written is a failed attempt: the writer
+// retries it and answers. A save left unanswered would keep the fetcher's
+// saver busy for good, and no online row would be written again.
+func TestPanicInApplyBatchIsRetried(t *testing.T) {
+	a := dbApp(t)
+	db := openDB(t, a.cfg.dsn)
+	a.db.main = panicOncePool(t, a.cfg.dsn, a.db.main)
+	a.loop("apply-writer", a.writer.runApplyWriter)
+
+	now := at(time.Now())
+	// Retried within applyRetryMax of the panic; the bound is the TTL.
+	ctx, cancel := context.WithTimeout(context.Background(), landWithin)
+	defer cancel()
+	if err := a.writer.upsert(ctx, []objectRow{{2, now}}); err != nil {
+		t.Fatalf("upsert after a panic: %v", err)
+	}
+	wantObjects(t, db, map[int64]time.Time{2: now})
+	if n := a.metrics.panics.Value(); n != 1 {
+		t.Errorf("panics recovered %d, want 1", n)
+	}
+	// The writer goes on: a second write is answered too.
+	if err := a.writer.upsert(ctx, []objectRow{{4, now}}); err != nil {
+		t.Fatalf("second upsert: %v", err)
+	}
+	wantObjects(t, db, map[int64]time.Time{2: now, 4: now})
 }
