@@ -211,10 +211,12 @@ func (s *sender) checkAllLanded(t *testing.T, dsn string, timeout time.Duration)
 	// An id seen in its window has landed, even if the reaper takes it
 	// later: the wait may outlast the TTL.
 	landed := map[int64]bool{}
-	var missing []string
+	var got map[int64]time.Time
+	var missing []int64 // the first few, for the message
+	var nMissing int
 	eventually(t, timeout, "every acknowledged callback in the table at its receipt time", func() bool {
-		got := objectsIn(t, db)
-		missing = missing[:0]
+		got = objectsIn(t, db)
+		missing, nMissing = missing[:0], 0
 		for id, w := range want {
 			at, ok := got[id]
 			switch {
@@ -229,15 +231,23 @@ func (s *sender) checkAllLanded(t *testing.T, dsn string, timeout time.Duration)
 			case ok && !at.Before(w.from):
 				landed[id] = true
 			default:
-				missing = append(missing, fmt.Sprintf("%d (at %s, want [%s, %s])", id,
-					at.Format(time.RFC3339Nano), w.from.Format(time.RFC3339Nano), w.to.Format(time.RFC3339Nano)))
+				nMissing++
+				if len(missing) < 5 {
+					missing = append(missing, id)
+				}
 			}
 		}
-		if len(missing) > 5 {
-			missing = missing[:5]
+		return nMissing == 0
+	}, func() string {
+		b := strings.Builder{}
+		fmt.Fprintf(&b, "%d ids missing or early: ", nMissing)
+		for _, id := range missing {
+			w := want[id]
+			fmt.Fprintf(&b, "id %d at %s, want [%s, %s]; ", id, got[id].Format(time.RFC3339Nano),
+				w.from.Format(time.RFC3339Nano), w.to.Format(time.RFC3339Nano))
 		}
-		return len(missing) == 0
-	}, func() string { return strings.Join(missing, ", ") })
+		return b.String()
+	})
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	t.Logf("%d acknowledged callbacks all landed at their receipt time (%d sends failed while a service was down)", len(s.acked), s.failed)

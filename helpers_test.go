@@ -286,7 +286,7 @@ func startService(t testing.TB, dsn, upstreamURL string, extra ...string) *servi
 		}
 	})
 	s := &service{base: "http://" + addr, logs: logs, stop: stop}
-	eventually(t, 10*time.Second, "service /healthz", func() bool {
+	eventually(t, readyWithin, "service /healthz", func() bool {
 		select {
 		case err := <-done:
 			done <- err // for stop, which the cleanup calls
