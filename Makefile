@@ -31,5 +31,11 @@ drills:
 build:
 	go build -o bin/objtrack . && go build -o bin/sim ./sim
 
+# The fuzzer keeps what it finds in Go's cache; copying it into testdata
+# makes those inputs seeds that every make test runs (commit the new ones).
 fuzz:
 	go test -run '^$$' -fuzz FuzzDecodeCallback -fuzztime 60s .
+	mkdir -p testdata/fuzz/FuzzDecodeCallback
+	for f in "$$(go env GOCACHE)"/fuzz/objtrack/FuzzDecodeCallback/*; do \
+		[ -f "$$f" ] && cp -n "$$f" testdata/fuzz/FuzzDecodeCallback/; \
+	done; true

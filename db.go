@@ -223,10 +223,22 @@ func (d *database) keepConnected(ctx context.Context) {
 	}
 }
 
+// ping checks the database within pingTimeout. lib/pq ends a query at its
+// context's end only by asking the server to cancel it, which a server that
+// hangs (accepts, never answers) never does: so the ping is abandoned at the
+// timeout instead, and its goroutine ends with its connection.
 func (d *database) ping(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, pingTimeout)
 	defer cancel()
-	if err := d.main.PingContext(ctx); err != nil {
+	done := make(chan error, 1)
+	go func() { done <- d.main.PingContext(ctx) }()
+	var err error
+	select {
+	case err = <-done:
+	case <-ctx.Done():
+		err = ctx.Err()
+	}
+	if err != nil {
 		d.metrics.dbErrors.Inc("ping")
 		return fmt.Errorf("ping: %w", err)
 	}

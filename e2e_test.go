@@ -3,7 +3,10 @@ package main
 import (
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -31,7 +34,7 @@ func TestEndToEnd(t *testing.T) {
 	svc.waitReady(t)
 
 	aFrom, aTo := postTimed(t, svc.base, 1, 2, 3, 4, 4)
-	eventually(t, 5*time.Second, "ids 2 and 4 in the table", func() bool { return len(objectsIn(t, db)) == 2 })
+	eventually(t, landWithin, "ids 2 and 4 in the table", func() bool { return len(objectsIn(t, db)) == 2 })
 	got := objectsIn(t, db)
 	for _, id := range []int64{2, 4} {
 		if !within(got[id], aFrom, aTo) {
@@ -43,7 +46,7 @@ func TestEndToEnd(t *testing.T) {
 	bFrom, bTo := postTimed(t, svc.base, 2, 6, 7)
 	// Each id lands as its own lookup ends; the journal row goes once all
 	// have.
-	eventually(t, 5*time.Second, "the second callback applied", func() bool { return journalDepth(t, db) == 0 })
+	eventually(t, landWithin, "the second callback applied", func() bool { return journalDepth(t, db) == 0 })
 	got = objectsIn(t, db)
 	if !within(got[2], bFrom, bTo) || !within(got[6], bFrom, bTo) {
 		t.Errorf("ids 2 and 6 at %s and %s, want the second callback's time", got[2], got[6])
@@ -54,14 +57,14 @@ func TestEndToEnd(t *testing.T) {
 
 	// Id 4 was last named by the first callback: it goes 3s after that,
 	// while 2 and 6 live until 3s after the second.
-	eventually(t, 5*time.Second, "id 4 reaped", func() bool { _, ok := objectsIn(t, db)[4]; return !ok })
+	eventually(t, landWithin, "id 4 reaped", func() bool { _, ok := objectsIn(t, db)[4]; return !ok })
 	if time.Since(aFrom) < 3*time.Second {
 		t.Errorf("id 4 reaped %s after its callback, before the 3s TTL", time.Since(aFrom))
 	}
 	if _, ok := objectsIn(t, db)[2]; !ok && time.Since(bFrom) < 3*time.Second {
 		t.Error("id 2 reaped before its TTL")
 	}
-	eventually(t, 5*time.Second, "table empty after the TTL", func() bool { return len(objectsIn(t, db)) == 0 })
+	eventually(t, landWithin, "table empty after the TTL", func() bool { return len(objectsIn(t, db)) == 0 })
 
 	if n := svc.metric(t, "objtrack_callbacks_accepted_total"); n != 2 {
 		t.Errorf("accepted %v, want 2", n)
@@ -75,45 +78,68 @@ func TestEndToEnd(t *testing.T) {
 }
 
 // A later callback whose lookup finishes first must not be overwritten by
-// the earlier callback's late result.
+// the earlier callback's late result: the earlier lookup is held until the
+// later callback's row is in, so the late write always comes second.
 func TestOutOfOrderCompletionNeverMovesBack(t *testing.T) {
 	dsn := testDSN(t)
 	db := openDB(t, dsn)
+	release := make(chan struct{})
+	var once sync.Once
+	free := func() { once.Do(func() { close(release) }) }
+	t.Cleanup(free)
 	up := newUpstream(t, 0, func(w http.ResponseWriter, r *http.Request, id int64, n int) bool {
-		if n == 1 {
-			time.Sleep(time.Second) // the first request for an id is slow
+		if n == 1 { // the first callback's lookup: held
+			select {
+			case <-release:
+			case <-r.Context().Done():
+			}
 		}
 		return false
 	})
 	svc := startService(t, dsn, up.URL, "-coalesce=false")
 	svc.waitReady(t)
 	postTimed(t, svc.base, 2)
-	time.Sleep(100 * time.Millisecond)
+	eventually(t, landWithin, "the first callback's lookup under way", func() bool { return up.count(2) == 1 })
 	lateFrom, lateTo := postTimed(t, svc.base, 2)
-	eventually(t, 5*time.Second, "both requests answered and applied", func() bool {
-		return up.count(2) == 2 && svc.metric(t, "objtrack_callbacks_applied_total") == 2
+	eventually(t, landWithin, "the later callback's row", func() bool { return within(objectsIn(t, db)[2], lateFrom, lateTo) })
+	free()
+	eventually(t, landWithin, "the earlier callback applied after it", func() bool {
+		return svc.metric(t, "objtrack_callbacks_applied_total") == 2
 	})
 	if at := objectsIn(t, db)[2]; !within(at, lateFrom, lateTo) {
 		t.Errorf("last_seen %s, want the later callback's time in [%s, %s]", at, lateFrom, lateTo)
 	}
 }
 
-// A panic while a callback is processed is recovered and counted, the
-// callback still lands, and the service keeps serving.
+// A panic while a callback is processed (past its lookups, before its
+// apply) is recovered and counted; the callback goes back to the journal
+// and is replayed at its own receipt time, and the service keeps serving.
 func TestPanicDuringProcessingLeavesServiceServing(t *testing.T) {
 	dsn := testDSN(t)
 	db := openDB(t, dsn)
 	up := newUpstream(t, 0, nil)
-	p := testApp(t, testConfig(t, "-dsn", dsn, "-upstream", up.URL), &panicky{next: http.DefaultTransport, target: "/objects/13"})
+	p := testApp(t, testConfig(t, "-dsn", dsn, "-upstream", up.URL, "-lease", "1s"), nil)
+	var fired atomic.Bool
+	p.pipe.beforeApply = func(cb *callback) {
+		if slices.Contains(cb.objectIDs, 13) && fired.CompareAndSwap(false, true) {
+			panic("injected processing panic")
+		}
+	}
 	p.start()
 	srv := httptest.NewServer(p.handler())
 	t.Cleanup(srv.Close)
-	eventually(t, 5*time.Second, "database ready", func() bool { return p.db.ready() == nil })
+	eventually(t, readyWithin, "database ready", func() bool { return p.db.ready() == nil })
 
-	postTimed(t, srv.URL, 12, 13, 14)
-	eventually(t, 5*time.Second, "ids 12 and 14 in the table", func() bool { return len(objectsIn(t, db)) == 2 })
+	from, to := postTimed(t, srv.URL, 12, 13, 14)
+	eventually(t, landWithin, "the callback replayed from the journal", func() bool {
+		return p.metrics.journalReplayed.Value() == 1 && journalDepth(t, db) == 0
+	})
+	got := objectsIn(t, db)
+	if len(got) != 2 || !within(got[12], from, to) || !within(got[14], from, to) {
+		t.Errorf("rows %v, want ids 12 and 14 at the receipt time in [%s, %s]", got, from, to)
+	}
 	postTimed(t, srv.URL, 16)
-	eventually(t, 5*time.Second, "id 16 in the table", func() bool { return len(objectsIn(t, db)) == 3 })
+	eventually(t, landWithin, "id 16 in the table", func() bool { return len(objectsIn(t, db)) == 3 })
 	if n := p.metrics.panics.Value(); n != 1 {
 		t.Errorf("panics recovered %d, want 1", n)
 	}
@@ -136,7 +162,7 @@ func TestStartsWithoutDatabaseAndCatchesUp(t *testing.T) {
 	proxy.setUp(true)
 	svc.waitReady(t)
 	db := openDB(t, proxy.target)
-	eventually(t, 10*time.Second, "callback applied once the database is back", func() bool { return len(objectsIn(t, db)) == 2 })
+	eventually(t, landWithin, "callback applied once the database is back", func() bool { return len(objectsIn(t, db)) == 2 })
 }
 
 // Each online object is written as soon as its lookup ends: one slow
@@ -145,22 +171,33 @@ func TestStartsWithoutDatabaseAndCatchesUp(t *testing.T) {
 func TestFinishedLookupsAreWrittenAtOnce(t *testing.T) {
 	dsn := testDSN(t)
 	db := openDB(t, dsn)
+	release := make(chan struct{})
+	var once sync.Once
+	free := func() { once.Do(func() { close(release) }) }
+	t.Cleanup(free)
 	up := newUpstream(t, 0, func(w http.ResponseWriter, r *http.Request, id int64, n int) bool {
-		if id == 4 {
-			time.Sleep(3 * time.Second)
+		if id == 4 { // held until id 2 is in
+			select {
+			case <-release:
+			case <-r.Context().Done():
+			}
 		}
 		return false
 	})
 	svc := startService(t, dsn, up.URL)
 	svc.waitReady(t)
-	start := time.Now()
-	postTimed(t, svc.base, 2, 4)
-	eventually(t, 2500*time.Millisecond, "id 2 written before id 4 answers", func() bool { _, ok := objectsIn(t, db)[2]; return ok })
+	from, to := postTimed(t, svc.base, 2, 4)
+	eventually(t, landWithin, "id 2 written before id 4 answers", func() bool { _, ok := objectsIn(t, db)[2]; return ok })
 	if _, ok := objectsIn(t, db)[4]; ok || journalDepth(t, db) != 1 {
-		t.Fatalf("after %s: id 4 present or journal row gone too early", time.Since(start))
+		t.Fatal("id 4 present or journal row gone before id 4 answered")
 	}
-	eventually(t, 5*time.Second, "id 4 written and journal row deleted", func() bool {
+	free()
+	eventually(t, landWithin, "id 4 written and journal row deleted", func() bool {
 		_, ok := objectsIn(t, db)[4]
 		return ok && journalDepth(t, db) == 0
 	})
+	got := objectsIn(t, db)
+	if !within(got[2], from, to) || !within(got[4], from, to) {
+		t.Errorf("rows %v, want both at the receipt time in [%s, %s]", got, from, to)
+	}
 }

@@ -91,7 +91,7 @@ func TestCallbackAcceptedWithoutDatabase(t *testing.T) {
 	if got := p.metrics.journalFailures.Value(); got != 1 {
 		t.Errorf("journal failures %d, want 1", got)
 	}
-	eventually(t, 5*time.Second, "both ids fetched", func() bool { return up.count(1) == 1 && up.count(2) == 1 })
+	eventually(t, landWithin, "both ids fetched", func() bool { return up.count(1) == 1 && up.count(2) == 1 })
 }
 
 func TestBacklogFullAnswers503(t *testing.T) {

@@ -128,13 +128,18 @@ func journalDepth(t testing.TB, db *sql.DB) int {
 // waiting less depends on the machine being idle.
 const landWithin = 30*time.Second + 5*time.Second
 
-// eventually polls cond until it holds or the timeout passes.
-func eventually(t testing.TB, timeout time.Duration, what string, cond func() bool) {
+// eventually polls cond until it holds or the timeout passes; detail, if
+// given, says what was seen last when it did not.
+func eventually(t testing.TB, timeout time.Duration, what string, cond func() bool, detail ...func() string) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for !cond() {
 		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", timeout, what)
+			var seen string
+			for _, d := range detail {
+				seen += ": " + d()
+			}
+			t.Fatalf("timed out after %s waiting for %s%s", timeout, what, seen)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -281,7 +286,7 @@ func startService(t testing.TB, dsn, upstreamURL string, extra ...string) *servi
 		}
 	})
 	s := &service{base: "http://" + addr, logs: logs, stop: stop}
-	eventually(t, 10*time.Second, "service /healthz", func() bool {
+	eventually(t, readyWithin, "service /healthz", func() bool {
 		select {
 		case err := <-done:
 			done <- err // for stop, which the cleanup calls
@@ -306,17 +311,31 @@ func tail(s string, lines int) string {
 	return strings.Join(parts, "\n")
 }
 
-// post sends a callback and returns the status and body.
+// post sends a callback and returns the status and body. It stops the test
+// on a transport error, so only the test's goroutine may call it; other
+// goroutines use tryPost.
 func post(t testing.TB, base string, body string) (int, string) {
 	t.Helper()
-	client := &http.Client{Timeout: 5 * time.Second}
-	resp, err := client.Post(base+"/callback", "application/json", strings.NewReader(body))
+	status, b, err := tryPost(base, body, 5*time.Second)
 	if err != nil {
 		t.Fatalf("post callback: %v", err)
 	}
+	return status, b
+}
+
+// tryPost sends a callback with a client that gives up after timeout.
+func tryPost(base, body string, timeout time.Duration) (int, string, error) {
+	client := &http.Client{Timeout: timeout}
+	resp, err := client.Post(base+"/callback", "application/json", strings.NewReader(body))
+	if err != nil {
+		return 0, "", fmt.Errorf("post callback: %w", err)
+	}
 	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b)
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return resp.StatusCode, string(b), fmt.Errorf("read answer: %w", err)
+	}
+	return resp.StatusCode, string(b), nil
 }
 
 func idsBody(ids ...int64) string {

@@ -123,7 +123,9 @@ func TestNoPasswordInLogs(t *testing.T) {
 		for _, format := range []string{"text", "json"} {
 			svc := startService(t, dsn, up.URL, "-log-format", format, "-grace", "200ms")
 			post(t, svc.base, idsBody(1, 2))
-			time.Sleep(1500 * time.Millisecond)
+			eventually(t, readyWithin, "the log to say the database is unavailable", func() bool {
+				return strings.Contains(svc.logs.String(), "database unavailable")
+			})
 			if err := svc.stop(); err != nil {
 				t.Fatal(err)
 			}
@@ -198,7 +200,7 @@ func TestMetricsExposition(t *testing.T) {
 	svc.waitReady(t)
 	postTimed(t, svc.base, 1, 2, 3, 4)
 	post(t, svc.base, "nonsense")
-	eventually(t, 5*time.Second, "callback applied", func() bool { return svc.metric(t, "objtrack_callbacks_applied_total") == 1 })
+	eventually(t, landWithin, "callback applied", func() bool { return svc.metric(t, "objtrack_callbacks_applied_total") == 1 })
 
 	resp, err := http.Get(svc.base + "/metrics")
 	if err != nil {
@@ -278,9 +280,9 @@ func TestReadyzFollowsDatabase(t *testing.T) {
 		resp.Body.Close()
 		return resp.StatusCode
 	}
-	eventually(t, 5*time.Second, "ready", func() bool { return status("/readyz") == 200 })
+	eventually(t, readyWithin, "ready", func() bool { return status("/readyz") == 200 })
 	proxy.setUp(false)
-	eventually(t, 5*time.Second, "not ready while the database is away", func() bool { return status("/readyz") == 503 })
+	eventually(t, readyWithin, "not ready while the database is away", func() bool { return status("/readyz") == 503 })
 	if status("/healthz") != 200 {
 		t.Error("healthz not 200 while the database is away")
 	}
@@ -289,7 +291,7 @@ func TestReadyzFollowsDatabase(t *testing.T) {
 		t.Errorf("readyz body %q does not give the reason", body)
 	}
 	proxy.setUp(true)
-	eventually(t, 5*time.Second, "ready again", func() bool { return status("/readyz") == 200 })
+	eventually(t, readyWithin, "ready again", func() bool { return status("/readyz") == 200 })
 }
 
 func getBody(t *testing.T, url string) (int, string) {

@@ -29,6 +29,11 @@ type pipeline struct {
 
 	memoryOnlyTold atomic.Bool // the memory-only state has been logged
 
+	// beforeApply is a test seam, nil in the service: it runs in process
+	// between a callback's lookups and its apply, where a test makes
+	// processing panic.
+	beforeApply func(*callback)
+
 	wg      sync.WaitGroup // one per callback in memory
 	mu      sync.Mutex
 	held    map[int64]*callback // by journal id
@@ -259,6 +264,9 @@ func (p *pipeline) process(cb *callback) {
 		// (it panicked): give the callback back to the journal for a retry.
 		p.recoverCallback(cb)
 		return
+	}
+	if p.beforeApply != nil {
+		p.beforeApply(cb)
 	}
 	if cb.closeJournal(p.ctx) != nil {
 		return

@@ -1,34 +1,76 @@
 package main
 
 import (
-	"io"
 	"net"
 	"net/url"
 	"sync"
 	"testing"
+	"time"
 )
 
 // tcpProxy sits between the service and PostgreSQL so a test can take the
 // database away without stopping the server: down refuses new connections
 // (the listener closes) and cuts every open one; up listens again on the
-// same address.
+// same address. It can also make the database slow (every chunk forwarded
+// waits delay) or hang (connections are accepted and nothing is forwarded,
+// as when a server or the network in between stops answering).
 type tcpProxy struct {
 	t       testing.TB
 	addr    string // where the service connects
 	backend string // PostgreSQL host:port
 	target  string // the real DSN, for the test's own checks
 
-	mu    sync.Mutex
-	ln    net.Listener
-	conns map[net.Conn]struct{}
+	mu      sync.Mutex
+	ln      net.Listener
+	conns   map[net.Conn]struct{}
+	delay   time.Duration
+	hanging chan struct{} // non-nil while hung; closed when it ends
 }
 
 // newTCPProxy reserves an address; it starts down until setUp(true).
 func newTCPProxy(t testing.TB, _ string) *tcpProxy {
 	t.Helper()
 	p := &tcpProxy{t: t, addr: freeAddr(t), conns: map[net.Conn]struct{}{}}
-	t.Cleanup(func() { p.setUp(false) })
+	t.Cleanup(func() {
+		p.setHang(false)
+		p.setUp(false)
+	})
 	return p
+}
+
+// setDelay makes every chunk forwarded, either way, wait d: a round trip
+// to PostgreSQL takes at least 2d.
+func (p *tcpProxy) setDelay(d time.Duration) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.delay = d
+}
+
+// setHang stops forwarding anything, on open connections and on new ones,
+// which are still accepted; unhung, what was held goes through.
+func (p *tcpProxy) setHang(hang bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	switch {
+	case hang && p.hanging == nil:
+		p.hanging = make(chan struct{})
+	case !hang && p.hanging != nil:
+		close(p.hanging)
+		p.hanging = nil
+	}
+}
+
+// hold waits out the delay and a hang before a chunk is forwarded.
+func (p *tcpProxy) hold() {
+	p.mu.Lock()
+	d, hung := p.delay, p.hanging
+	p.mu.Unlock()
+	if hung != nil {
+		<-hung
+	}
+	if d > 0 {
+		time.Sleep(d)
+	}
 }
 
 // dsn points the real DSN at the proxy.
@@ -95,7 +137,19 @@ func (p *tcpProxy) accept(ln net.Listener) {
 }
 
 func (p *tcpProxy) pipe(dst, src net.Conn) {
-	_, _ = io.Copy(dst, src)
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := src.Read(buf)
+		if n > 0 {
+			p.hold()
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				break
+			}
+		}
+		if err != nil {
+			break
+		}
+	}
 	dst.Close()
 	src.Close()
 	p.mu.Lock()

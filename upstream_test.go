@@ -39,15 +39,18 @@ func TestUnreachableObjectServiceIsReported(t *testing.T) {
 	}
 }
 
-// Lookups given up at the TTL are logged at WARN with a count.
+// Lookups given up at the TTL are logged at WARN with a count, and
+// /readyz says the object service is down.
 func TestDroppedLookupsAreLogged(t *testing.T) {
 	svc := startService(t, "postgres://x@127.0.0.1:1/x?sslmode=disable", "http://127.0.0.1:1", "-ttl", "1s")
-	post(t, svc.base, idsBody(1, 2, 3))
-	eventually(t, landWithin, "ids dropped", func() bool { return svc.metric(t, "objtrack_ids_dropped_total") == 3 })
+	// Ten ids: ten failed first attempts, more than it takes to call the
+	// object service down whatever the retries.
+	post(t, svc.base, idsBody(1, 2, 3, 4, 5, 6, 7, 8, 9, 10))
+	eventually(t, landWithin, "ids dropped", func() bool { return svc.metric(t, "objtrack_ids_dropped_total") == 10 })
 	eventually(t, landWithin, "the WARN", func() bool {
 		return strings.Contains(svc.logs.String(), "lookups given up: no answer from the object service before received time + TTL")
 	})
-	if _, body := getBody(t, svc.base+"/readyz"); !strings.Contains(body, "object_service") {
-		t.Errorf("readyz body %s does not show the object service", body)
+	if _, body := getBody(t, svc.base+"/readyz"); !strings.Contains(body, `"object_service":"down: `) {
+		t.Errorf("readyz body %s does not say the object service is down", body)
 	}
 }
