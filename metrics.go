@@ -31,6 +31,11 @@ type metrics struct {
 	journalExpired     counter
 	dbErrors           *labeled
 	panics             counter
+	spillAppended      counter
+	spillMoved         counter
+	spillCorrupt       counter
+	spillExpired       counter
+	spillErrors        counter
 
 	fetchesInFlight     gauge
 	fetchLimit          gauge
@@ -43,6 +48,9 @@ type metrics struct {
 	journalDepth        gauge
 	databaseUp          gauge
 	callbacksMemoryOnly gauge
+	spillRecords        gauge
+	spillBytes          gauge
+	spillSegments       gauge
 
 	// Inbound connections and descriptors (listener.go, budget.go).
 	inboundConns     gauge
@@ -55,6 +63,7 @@ type metrics struct {
 	completion    *histogram
 	answer        *histogram
 	journalCommit *histogram
+	spillFsync    *histogram
 
 	all []exported
 }
@@ -86,6 +95,7 @@ func newMetrics() *metrics {
 		completion:        newHistogram(0.1, 0.5, 1, 2, 3, 4, 5, 7.5, 10, 15, 20, 30),
 		answer:            newHistogram(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1),
 		journalCommit:     newHistogram(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2, 5),
+		spillFsync:        newHistogram(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
 	}
 	m.all = []exported{
 		{"objtrack_callbacks_accepted_total", "Callbacks answered 202.", "counter", &m.callbacksAccepted},
@@ -127,6 +137,15 @@ func newMetrics() *metrics {
 		{"objtrack_callback_completion_seconds", "Time from receiving a callback to committing its objects.", "histogram", m.completion},
 		{"objtrack_callback_answer_seconds", "Time from receiving a callback to writing its 202 (senders give up after 1s).", "histogram", m.answer},
 		{"objtrack_journal_commit_seconds", "Time from receiving a callback to committing its journal row.", "histogram", m.journalCommit},
+		{"objtrack_spill_records", "Callbacks in the local spill journal not yet moved into PostgreSQL (nor past the TTL).", "gauge", &m.spillRecords},
+		{"objtrack_spill_bytes", "Bytes in the spill journal's segments.", "gauge", &m.spillBytes},
+		{"objtrack_spill_segments", "Segment files in the spill journal.", "gauge", &m.spillSegments},
+		{"objtrack_spill_fsync_seconds", "Time for one fsync of the spill journal (one fsync covers every callback of a batch).", "histogram", m.spillFsync},
+		{"objtrack_spill_appended_total", "Callbacks written and fsynced to the spill journal.", "counter", &m.spillAppended},
+		{"objtrack_spill_moved_total", "Spilled callbacks whose journal row then committed in PostgreSQL (or that were applied), so their spill record is no longer needed.", "counter", &m.spillMoved},
+		{"objtrack_spill_corrupt_total", "Spill records found torn or failing their CRC when the spill was replayed at start (cut at a segment's tail, skipped in the middle).", "counter", &m.spillCorrupt},
+		{"objtrack_spill_expired_total", "Spilled callbacks dropped unmoved because their receipt time was past the TTL.", "counter", &m.spillExpired},
+		{"objtrack_spill_errors_total", "Spill batches the disk refused (write or fsync failed); their callbacks were answered from memory only.", "counter", &m.spillErrors},
 	}
 	m.all = append(m.all, processMetrics(readBuildInfo())...)
 	return m
