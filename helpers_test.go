@@ -254,7 +254,7 @@ type service struct {
 func startService(t testing.TB, dsn, upstreamURL string, extra ...string) *service {
 	t.Helper()
 	addr := freeAddr(t)
-	args := append([]string{"objtrack", "-listen", addr, "-upstream", upstreamURL, "-dsn", dsn, "-log-level", "debug"}, extra...)
+	args := append([]string{"objtrack", "-listen", addr, "-upstream", upstreamURL, "-dsn", dsn, "-log-level", "debug", "-spill-dir", t.TempDir()}, extra...)
 	ctx, cancel := context.WithCancel(context.Background())
 	logs := &syncBuffer{}
 	done := make(chan error, 1)
@@ -382,6 +382,9 @@ func testConfig(t testing.TB, args ...string) config {
 	t.Helper()
 	if !hasFlag(args, "-dsn") {
 		args = append(args, "-dsn", "postgres://nobody@127.0.0.1:1/none?sslmode=disable&connect_timeout=1")
+	}
+	if !hasFlag(args, "-spill-dir") {
+		args = append(args, "-spill-dir", t.TempDir())
 	}
 	cfg, err := parseConfig(args, func(string) string { return "" }, io.Discard)
 	if err != nil {

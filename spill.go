@@ -41,12 +41,13 @@ type spill struct {
 	guard      *guard
 	lock       *os.File // holds the flock on dir/LOCK while the spill is open
 
-	now  func() time.Time // the clock the TTL is measured on; tests set it
+	now func() time.Time // the clock the TTL is measured on; tests set it
 
-	reqs chan *spillReq
-	kick chan struct{} // a sweep is worth doing now (records moved)
-	quit chan struct{} // closed by close: the writer finishes and stops
-	done chan struct{} // closed when the writer has stopped
+	reqs      chan *spillReq
+	kick      chan struct{} // a sweep is worth doing now (records moved)
+	quit      chan struct{} // closed by close: the writer finishes and stops
+	closeOnce sync.Once
+	done      chan struct{} // closed when the writer has stopped
 
 	// mu guards the segments and the index of pending records. The files
 	// themselves are touched only by the writer goroutine (and by open and
@@ -670,20 +671,18 @@ func (s *spill) publish() {
 // segments whose records have all moved, and releases the lock; what is
 // still pending stays for the next start.
 func (s *spill) close() error {
-	select {
-	case <-s.quit:
-		return nil
-	default:
-	}
-	close(s.quit)
-	<-s.done
-	s.sweep(s.now(), true)
 	var err error
-	if s.active != nil {
-		err = s.active.Close()
-		s.active = nil
-	}
-	return errors.Join(err, s.lock.Close())
+	s.closeOnce.Do(func() {
+		close(s.quit)
+		<-s.done
+		s.sweep(s.now(), true)
+		if s.active != nil {
+			err = s.active.Close()
+			s.active = nil
+		}
+		err = errors.Join(err, s.lock.Close())
+	})
+	return err
 }
 
 func (s *spill) segmentPath(seq uint64) string {
