@@ -169,7 +169,8 @@ func slowUpstream(t *testing.T) *upstream {
 func TestSIGKILLAndRestartLosesNoAcknowledgedCallback(t *testing.T) {
 	dsn := testDSN(t)
 	up := slowUpstream(t)
-	a := startProc(t, dsn, up.URL, "-lease", "1s")
+	spillDir := t.TempDir() // the restart replays what the killed one spilled
+	a := startProc(t, dsn, up.URL, "-lease", "1s", "-spill-dir", spillDir)
 	var mu sync.Mutex
 	target := a.base
 	s := &sender{}
@@ -181,7 +182,7 @@ func TestSIGKILLAndRestartLosesNoAcknowledgedCallback(t *testing.T) {
 	}()
 	time.Sleep(1500 * time.Millisecond)
 	_ = a.signal(t, syscall.SIGKILL, 5*time.Second)
-	b := startProc(t, dsn, up.URL, "-lease", "1s")
+	b := startProc(t, dsn, up.URL, "-lease", "1s", "-spill-dir", spillDir)
 	mu.Lock()
 	target = b.base
 	mu.Unlock()
@@ -219,7 +220,8 @@ func busyLoops(t *testing.T) {
 func TestKillUnderCPUPressureLosesNoAcknowledgedCallback(t *testing.T) {
 	dsn := testDSN(t)
 	up := slowUpstream(t)
-	a := startProc(t, dsn, up.URL, "-lease", "1s")
+	spillDir := t.TempDir() // the restart replays what the killed one spilled
+	a := startProc(t, dsn, up.URL, "-lease", "1s", "-spill-dir", spillDir)
 	busyLoops(t)
 	s := &sender{}
 	stop := make(chan struct{})
@@ -234,7 +236,7 @@ func TestKillUnderCPUPressureLosesNoAcknowledgedCallback(t *testing.T) {
 	if failures != 0 {
 		t.Errorf("%v callbacks were answered with neither a journal row nor a spill record", failures)
 	}
-	startProc(t, dsn, up.URL, "-lease", "1s")
+	startProc(t, dsn, up.URL, "-lease", "1s", "-spill-dir", spillDir)
 	s.checkAllLanded(t, dsn, landWithin)
 }
 

@@ -383,9 +383,6 @@ func testConfig(t testing.TB, args ...string) config {
 	if !hasFlag(args, "-dsn") {
 		args = append(args, "-dsn", "postgres://nobody@127.0.0.1:1/none?sslmode=disable&connect_timeout=1")
 	}
-	if !hasFlag(args, "-spill-dir") {
-		args = append(args, "-spill-dir", t.TempDir())
-	}
 	cfg, err := parseConfig(args, func(string) string { return "" }, io.Discard)
 	if err != nil {
 		t.Fatalf("config %v: %v", args, err)
@@ -408,6 +405,7 @@ func discardLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Disca
 // loops, for tests of one piece; it is closed when the test ends.
 func testApp(t testing.TB, cfg config, transport http.RoundTripper) *app {
 	t.Helper()
+	cfg.spillDir = t.TempDir() // each app its own, even two built from one config
 	a, err := newApp(cfg, discardLogger(), transport)
 	if err != nil {
 		t.Fatalf("newApp: %v", err)

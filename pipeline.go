@@ -60,15 +60,13 @@ const (
 	durableMemory   = "memory"   // neither store took it in time: a crash loses it
 )
 
-// spillAnswerBy is how long after receipt a spill append may still hold
-// the answer: the sender gives up after 1s, and the answer needs a moment
-// to reach it. spillMinWait is what an append gets at least, even when the
-// journal's wait (up to -journal-timeout) used most of that: an fsync takes
-// milliseconds.
-const (
-	spillAnswerBy = 900 * time.Millisecond
-	spillMinWait  = 50 * time.Millisecond
-)
+// spillTimeout bounds the wait for a spill fsync. An fsync takes
+// milliseconds, but on a starved machine the writer may not run for a
+// while, and a 2xx must not go out before the record is durable: an answer
+// past the sender's 1s reaches no one and costs nothing, one without a
+// record may lose the callback. A disk that has not answered in 2s is
+// failing, and the callback is then answered from memory (counted).
+const spillTimeout = 2 * time.Second
 
 // accept takes a callback received at receivedAt into the pipeline: admit
 // (or errBacklogFull, or *overloaded when its new ids could not be fetched
@@ -99,7 +97,7 @@ func (p *pipeline) accept(receivedAt time.Time, objectIDs []int64) (accepted, er
 // was not committed by the answer deadline (PostgreSQL down or slow). The
 // answer waits for the fsync; the PostgreSQL write, if any, goes on.
 func (p *pipeline) spillOne(cb *callback) string {
-	ctx, cancel := context.WithDeadline(context.Background(), later(cb.receivedAt.Add(spillAnswerBy), time.Now().Add(spillMinWait)))
+	ctx, cancel := context.WithTimeout(context.Background(), spillTimeout)
 	defer cancel()
 	if err := p.spill.append(ctx, cb.journalRow()); err != nil {
 		p.guard.warn("could not spill a callback; answering it from memory only", "err", err)
@@ -109,13 +107,6 @@ func (p *pipeline) spillOne(cb *callback) string {
 		p.spill.moved(cb.journalID)
 	}
 	return durableSpill
-}
-
-func later(a, b time.Time) time.Time {
-	if a.After(b) {
-		return a
-	}
-	return b
 }
 
 // replaySpill takes up the callbacks a previous run left in the spill,
