@@ -341,13 +341,7 @@ func (p *pipeline) recoverCallback(cb *callback) {
 	ctx, cancel := context.WithTimeout(p.ctx, recoverTimeout)
 	defer cancel()
 	if err := p.writer.park(ctx, []*callback{cb}); err != nil {
-		if p.spill.has(cb.journalID) {
-			p.log.Error("could not journal a callback after a panic; it stays in the spill for the next start", "journal_id", cb.journalID, "err", err)
-		} else {
-			p.log.Error("could not journal a callback after a panic; it is lost", "journal_id", cb.journalID, "ids", len(cb.objectIDs), "err", err)
-		}
-	} else {
-		p.spill.moved(cb.journalID)
+		p.log.Error("could not journal a callback after a panic; it is lost", "journal_id", cb.journalID, "ids", len(cb.objectIDs), "err", err)
 	}
 	p.forget(cb)
 }
