@@ -140,6 +140,8 @@ func openSpill(dir string, ttl time.Duration, log *slog.Logger, m *metrics, g *g
 	}
 	s.publish()
 	go s.run()
+	abs, _ := filepath.Abs(dir)
+	log.Info("spill journal open", "dir", abs, "segments", len(s.segs), "records", len(rep.rows))
 	return s, rep, nil
 }
 
@@ -154,6 +156,9 @@ func lockDir(dir string) (*os.File, error) {
 	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
 		_ = f.Close()
 		if errors.Is(err, syscall.EWOULDBLOCK) {
+			if abs, err := filepath.Abs(path); err == nil {
+				path = abs
+			}
 			return nil, fmt.Errorf("%w: %s is locked (%s); another objtrack is using it: give each instance its own -spill-dir (OBJTRACK_SPILL_DIR), or stop the other one", errSpillLocked, dir, path)
 		}
 		return nil, fmt.Errorf("spill lock %s: %w", path, err)
