@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"os"
+	"os/exec"
 	"strings"
 	"sync"
 	"syscall"
@@ -128,6 +130,37 @@ func (s *spillSender) checkLanded(t *testing.T, dsn string) {
 	t.Logf("%d callbacks answered 2xx all landed", len(all))
 }
 
+// startUnready starts the service as a subprocess, as startProc does, but
+// waits only for /healthz: PostgreSQL may be down. It is killed at the end.
+func startUnready(t *testing.T, dsn, upstreamURL string, extra ...string) string {
+	t.Helper()
+	addr := freeAddr(t)
+	cmd := exec.Command(os.Args[0], append([]string{"-listen", addr, "-upstream", upstreamURL, "-dsn", dsn, "-log-level", "debug"}, extra...)...)
+	cmd.Env = append(os.Environ(), "OBJTRACK_TEST_SUBPROCESS=1")
+	logs := &syncBuffer{}
+	cmd.Stdout, cmd.Stderr = logs, logs
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start service: %v", err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+		if t.Failed() {
+			t.Logf("service %s log:\n%s", addr, tail(logs.String(), 40))
+		}
+	})
+	base := "http://" + addr
+	eventually(t, landWithin, "service /healthz", func() bool {
+		resp, err := http.Get(base + "/healthz")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	})
+	return base
+}
+
 // waitDown waits for the service to see PostgreSQL gone.
 func waitDown(t *testing.T, base string) {
 	t.Helper()
@@ -142,11 +175,11 @@ func waitDown(t *testing.T, base string) {
 }
 
 // outageThenStop runs a service through a PostgreSQL outage during which
-// callbacks are answered from the spill, stops it with sig, brings
-// PostgreSQL back, restarts the service on the same spill directory and
-// checks that every 2xx callback landed. It returns the first process's
-// exit error.
-func outageThenStop(t *testing.T, sig syscall.Signal) error {
+// callbacks are answered from the spill, stops it with sig, restarts it on
+// the same spill directory (after PostgreSQL is back, or before when
+// restartFirst) and checks that every 2xx callback landed. It returns the
+// first process's exit error.
+func outageThenStop(t *testing.T, sig syscall.Signal, restartFirst bool) error {
 	dsn := testDSN(t)
 	proxy := newTCPProxy(t, "")
 	proxied := proxy.dsn(t, dsn)
@@ -176,8 +209,22 @@ func outageThenStop(t *testing.T, sig syscall.Signal) error {
 	t.Logf("answers: 2xx by durable %v, others %v", got, s.other)
 	exit := a.signal(t, sig, 15*time.Second)
 
-	proxy.setUp(true)
-	b := startProc(t, dsn, up.URL, "-spill-dir", dir)
+	var b *proc
+	if restartFirst {
+		// PostgreSQL still down: the replayed callbacks are held in
+		// memory, still durable in the spill, and their lookups run.
+		base := startUnready(t, proxied, up.URL, "-spill-dir", dir)
+		eventually(t, landWithin, "the spill replayed into memory", func() bool {
+			return metricAt(t, base, "objtrack_callbacks_in_memory") >= float64(got[durableSpill]) &&
+				metricAt(t, base, "objtrack_callbacks_memory_only") == 0
+		})
+		proxy.setUp(true)
+		waitReadyAt(t, base)
+		b = &proc{base: base}
+	} else {
+		proxy.setUp(true)
+		b = startProc(t, dsn, up.URL, "-spill-dir", dir)
+	}
 	s.checkLanded(t, dsn)
 	eventually(t, landWithin, "the spill moved into PostgreSQL", func() bool {
 		return metricAt(t, b.base, "objtrack_spill_moved_total") >= float64(got[durableSpill]) &&
@@ -187,11 +234,15 @@ func outageThenStop(t *testing.T, sig syscall.Signal) error {
 }
 
 func TestSpillOutageSIGKILLRestartLosesNothing(t *testing.T) {
-	_ = outageThenStop(t, syscall.SIGKILL)
+	_ = outageThenStop(t, syscall.SIGKILL, false)
+}
+
+func TestSpillReplayedWhilePostgreSQLIsStillDown(t *testing.T) {
+	_ = outageThenStop(t, syscall.SIGKILL, true)
 }
 
 func TestSpillOutageSIGTERMExitsZeroLosesNothing(t *testing.T) {
-	if err := outageThenStop(t, syscall.SIGTERM); err != nil {
+	if err := outageThenStop(t, syscall.SIGTERM, false); err != nil {
 		t.Fatalf("exit after SIGTERM with PostgreSQL down: %v, want 0", err)
 	}
 }
