@@ -2,9 +2,11 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -19,6 +21,8 @@ type app struct {
 	guard   *guard
 
 	db      *database
+	spill   *spill
+	replay  spillReplay // what the spill held at start, taken up by start
 	store   *store
 	writer  *writer
 	fetcher *fetcher
@@ -39,18 +43,25 @@ type app struct {
 func newApp(cfg config, log *slog.Logger, transport http.RoundTripper) (*app, error) {
 	m := newMetrics()
 	g := &guard{log: log, metrics: m}
-	db, err := openDatabase(cfg, log, m)
+	// The spill first: a directory another process holds stops the start
+	// before anything else is opened.
+	sp, replay, err := openSpill(cfg.spillDir, cfg.ttl, log, m, g)
 	if err != nil {
 		return nil, err
 	}
-	a := &app{cfg: cfg, log: log, metrics: m, guard: g, db: db}
+	db, err := openDatabase(cfg, log, m)
+	if err != nil {
+		_ = sp.close()
+		return nil, err
+	}
+	a := &app{cfg: cfg, log: log, metrics: m, guard: g, db: db, spill: sp, replay: replay}
 	a.store = newStore(db, m)
 	a.writer = newWriter(cfg, a.store, db, m, g)
 	a.fetcher = newFetcher(cfg, transport, a.writer.upsert, log, m, g)
 	a.limiter = newFetchLimiter(a.fetcher.slots, &a.fetcher.meter, &a.fetcher.waiting, a.writer.lag.take, m)
 	a.limiter.probing = a.fetcher.upstream.isDown
 	a.answers = newAnswerLimiter(cfg.journalTimeout/answerTargetShare, m)
-	a.pipe = newPipeline(cfg, a.fetcher, a.writer, newAdmission(cfg, a.fetcher, a.limiter, m), db, log, m, g)
+	a.pipe = newPipeline(cfg, a.fetcher, a.writer, newAdmission(cfg, a.fetcher, a.limiter, m), db, sp, log, m, g)
 	a.keeper = newJournalKeeper(cfg, a.store, db, a.pipe, log, m, g)
 	a.reaper = newReaper(cfg, a.store, db, log, m, g)
 	a.bg, a.stopBG = context.WithCancel(context.Background())
@@ -62,10 +73,17 @@ func (a *app) handler() http.Handler {
 	return routes(a.cfg, a.pipe, a.answers, a.db, a.metrics, a.log, a.guard)
 }
 
-// start runs the background loops: the database check first (the writers
-// wait for its first outcome), then the writers the callback path needs,
-// then the loops that tune, reap and keep the journal.
+// start takes up what the spill held at start, then runs the background
+// loops: the database check first (the writers wait for its first outcome),
+// then the writers the callback path needs, then the loops that tune, reap
+// and keep the journal. The caller serves callbacks only after start.
 func (a *app) start() {
+	if r := a.replay; len(r.rows) > 0 || r.corrupt > 0 || r.expired > 0 {
+		n := a.pipe.replaySpill(r.rows)
+		a.log.Info("replayed the spill left by the previous run", "dir", a.cfg.spillDir, "callbacks", n,
+			"expired", r.expired, "corrupt", r.corrupt, "torn_tails_cut", r.cut)
+	}
+	a.replay = spillReplay{}
 	a.loop("database", a.db.keepConnected)
 	for i := range journalWriters {
 		a.loop("journal-writer", func(ctx context.Context) { a.writer.runJournalWriter(ctx, i) })
@@ -97,20 +115,66 @@ func (a *app) loop(name string, fn func(context.Context)) {
 const parkTimeout = 3 * time.Second
 
 // shutdown lets the callbacks in memory finish until ctx ends (the grace
-// period), journals whatever is left for the next start, then stops the
-// background loops and closes the database. The HTTP server must already
-// have stopped taking callbacks.
-func (a *app) shutdown(ctx context.Context) {
-	if left := a.pipe.drain(ctx); left > 0 {
+// period), journals whatever is left for the next start (in PostgreSQL, or
+// else in the spill), then stops the background loops and closes the
+// database and the spill. The HTTP server must already have stopped taking
+// callbacks. It fails only when some accepted callbacks could be made
+// durable in neither store: they are lost.
+func (a *app) shutdown(ctx context.Context) error {
+	defer a.close()
+	left := a.pipe.drain(ctx)
+	if left == 0 {
+		return nil
+	}
+	cbs := a.pipe.unfinished()
+	parkCtx, cancel := context.WithTimeout(context.Background(), parkTimeout)
+	err := a.writer.park(parkCtx, cbs)
+	cancel()
+	if err == nil {
 		a.log.Warn("grace period over, leaving callbacks in the journal", "callbacks", left)
-		parkCtx, cancel := context.WithTimeout(context.Background(), parkTimeout)
-		err := a.writer.park(parkCtx, a.pipe.unfinished())
-		cancel()
-		if err != nil {
-			a.log.Error("could not journal unfinished callbacks; they are lost", "callbacks", left, "err", err)
+		ids := make([]int64, len(cbs))
+		for i, cb := range cbs {
+			ids[i] = cb.journalID
+		}
+		a.spill.moved(ids...)
+		return nil
+	}
+	// PostgreSQL did not take them: those with a journal row or a spill
+	// record are safe; spill the rest.
+	var rows []journalRow
+	for _, cb := range cbs {
+		if !cb.journaled() && !a.spill.has(cb.journalID) {
+			rows = append(rows, cb.journalRow())
 		}
 	}
-	a.close()
+	spillCtx, cancel := context.WithTimeout(context.Background(), parkTimeout)
+	lost := a.spillAll(spillCtx, rows)
+	cancel()
+	if lost > 0 {
+		a.log.Error("could not journal unfinished callbacks in PostgreSQL nor in the spill; they are lost", "callbacks", left, "lost", lost, "err", err)
+		return fmt.Errorf("%d accepted callbacks lost at shutdown: neither PostgreSQL nor the spill in %s took them", lost, a.cfg.spillDir)
+	}
+	a.log.Warn("grace period over and PostgreSQL unavailable: leaving callbacks in the spill (and the journal rows they have) for the next start", "callbacks", left, "spilled_now", len(rows), "dir", a.cfg.spillDir, "err", err)
+	return nil
+}
+
+// spillAll appends rows to the spill at once, so that they share fsyncs, and
+// returns how many it could not make durable.
+func (a *app) spillAll(ctx context.Context, rows []journalRow) int {
+	var lost atomic.Int64
+	var wg sync.WaitGroup
+	for _, r := range rows {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer a.guard.catch("spill at shutdown")
+			if err := a.spill.append(ctx, r); err != nil {
+				lost.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	return int(lost.Load())
 }
 
 // close stops the background loops and closes the database; tests that
@@ -121,4 +185,7 @@ func (a *app) close() {
 	a.loops.Wait()
 	a.store.close()
 	_ = a.db.close()
+	if err := a.spill.close(); err != nil {
+		a.log.Warn("closing the spill failed", "dir", a.cfg.spillDir, "err", err)
+	}
 }

@@ -27,6 +27,7 @@ type config struct {
 	maxBacklog     int
 	maxBacklogIDs  int
 	journalTimeout time.Duration
+	spillDir       string
 	maxQueueWait   time.Duration
 	lease          time.Duration
 	fetchTimeout   time.Duration
@@ -38,6 +39,11 @@ type config struct {
 	healthPath     string
 	version        bool
 }
+
+// defaultSpillDir is relative to the working directory, so that `go run .`
+// from a clean clone works; the container runs in / and mounts its volume
+// at /objtrack-spill.
+const defaultSpillDir = "objtrack-spill"
 
 // modeFlags change what the program does instead of how the service runs;
 // they come from the command line only, so that an environment meant for
@@ -74,6 +80,7 @@ func parseConfig(args []string, getenv func(string) string, out io.Writer) (conf
 	fs.IntVar(&c.maxBacklog, "max-backlog", 20000, "most callbacks held in memory; past it callbacks get 503 with Retry-After")
 	fs.IntVar(&c.maxBacklogIDs, "max-backlog-ids", 4000000, "most object ids held in memory across callbacks; past it callbacks get 503 with Retry-After")
 	fs.DurationVar(&c.journalTimeout, "journal-timeout", 500*time.Millisecond, "how long a callback's answer waits for its journal row; a write still in progress then goes on, and its commit is counted as late")
+	fs.StringVar(&c.spillDir, "spill-dir", defaultSpillDir, "directory of this instance's local spill journal, where a callback is made durable when PostgreSQL is down or its journal commit misses -journal-timeout;\nlocked while in use: one directory (one volume) per instance")
 	fs.DurationVar(&c.lease, "lease", 5*time.Second, "how long an instance's journal rows stay its own after it last renewed its lease (every second);\nanother instance takes them over after that")
 	fs.DurationVar(&c.maxQueueWait, "max-queue-wait", 5*time.Second, "longest a new callback's ids may wait for a fetch slot, at the fetch rate measured now; past it, callbacks get 503 with Retry-After (capped at 5/6 of -ttl)")
 	fs.DurationVar(&c.fetchTimeout, "fetch-timeout", 5*time.Second, "time limit for one request to the object service (it may take up to 4s)")
@@ -137,6 +144,7 @@ func (c config) validate() error {
 	check(c.maxBacklog > 0, "-max-backlog must be positive")
 	check(c.maxBacklogIDs > 0, "-max-backlog-ids must be positive")
 	check(c.journalTimeout > 0 && c.journalTimeout < time.Second, "-journal-timeout must be between 0 and 1s (the sender gives up after 1s)")
+	check(c.spillDir != "", "-spill-dir must not be empty")
 	check(c.lease >= time.Second, "-lease must be at least 1s")
 	check(c.fetchTimeout > 0, "-fetch-timeout must be positive")
 	check(c.maxQueueWait > 0, "-max-queue-wait must be positive")

@@ -136,7 +136,7 @@ func runStopped(t *testing.T, env map[string]string, args ...string) (string, er
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
 	var out bytes.Buffer
-	args = append([]string{"objtrack", "-listen", "127.0.0.1:0", "-log-level", "debug", "-grace", "1s"}, args...)
+	args = append([]string{"objtrack", "-listen", "127.0.0.1:0", "-log-level", "debug", "-grace", "1s", "-spill-dir", t.TempDir()}, args...)
 	err := run(ctx, args, func(k string) string { return env[k] }, &out)
 	return out.String(), err
 }

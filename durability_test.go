@@ -37,7 +37,7 @@ type proc struct {
 func startProc(t *testing.T, dsn, upstreamURL string, extra ...string) *proc {
 	t.Helper()
 	addr := freeAddr(t)
-	args := append([]string{"-listen", addr, "-upstream", upstreamURL, "-dsn", dsn, "-log-level", "debug"}, extra...)
+	args := append([]string{"-listen", addr, "-upstream", upstreamURL, "-dsn", dsn, "-log-level", "debug", "-spill-dir", t.TempDir()}, extra...)
 	cmd := exec.Command(os.Args[0], args...)
 	cmd.Env = append(os.Environ(), "OBJTRACK_TEST_SUBPROCESS=1")
 	logs := &syncBuffer{}
@@ -329,7 +329,8 @@ func TestSIGKILLAndRestartLosesNoAcknowledgedCallback(t *testing.T) {
 	dsn := testDSN(t)
 	db := openDB(t, dsn)
 	up := slowUpstream(t, 300*time.Millisecond, 1200*time.Millisecond)
-	a := startProc(t, dsn, up.URL, "-lease", "1s")
+	spillDir := t.TempDir() // the restart replays what the killed one spilled
+	a := startProc(t, dsn, up.URL, "-lease", "1s", "-spill-dir", spillDir)
 	var mu sync.Mutex
 	target := a.base
 	s := &sender{overlap: true}
@@ -340,7 +341,7 @@ func TestSIGKILLAndRestartLosesNoAcknowledgedCallback(t *testing.T) {
 		s.run(t, func() string { mu.Lock(); defer mu.Unlock(); return target }, 20, 20*time.Millisecond, stop)
 	}()
 	killWithWorkInFlight(t, a, s, db)
-	b := startProc(t, dsn, up.URL, "-lease", "1s")
+	b := startProc(t, dsn, up.URL, "-lease", "1s", "-spill-dir", spillDir)
 	mu.Lock()
 	target = b.base
 	mu.Unlock()
@@ -403,7 +404,8 @@ func TestKillUnderCPUPressureLosesNoAcknowledgedCallback(t *testing.T) {
 		time.Sleep(time.Duration(300+id%7*150) * time.Millisecond)
 		return false
 	})
-	a := startProc(t, dsn, up.URL, "-lease", "1s")
+	spillDir := t.TempDir() // the restart replays what the killed one spilled
+	a := startProc(t, dsn, up.URL, "-lease", "1s", "-spill-dir", spillDir)
 	stopBusy := busyLoops(t)
 	s := &sender{}
 	stop := make(chan struct{})
@@ -413,26 +415,25 @@ func TestKillUnderCPUPressureLosesNoAcknowledgedCallback(t *testing.T) {
 	// goes on while PostgreSQL is up: it commits (late) within the retries
 	// of one attempt, or the callback is in memory only and the kill
 	// loses it.
-	var failures, late float64
-	eventually(t, landWithin, "every late journal write committed", func() bool {
-		failures = metricAt(t, a.base, "objtrack_journal_failures_total")
-		late = metricAt(t, a.base, "objtrack_journal_late_total")
-		return failures == late
-	}, func() string {
-		return fmt.Sprintf("%v answered before their commit, %v committed since", failures, late)
-	})
-	t.Logf("%d callbacks acknowledged under CPU pressure; %v answered before their journal commit, all committed since", len(s.acked), failures)
+	// A journal write that missed its answer deadline has spilled its
+	// callback before the answer: none is answered from memory only.
+	failures := metricAt(t, a.base, "objtrack_journal_failures_total")
+	t.Logf("%d callbacks acknowledged under CPU pressure; %v answered with neither a journal row nor a spill record", len(s.acked), failures)
+	if failures != 0 {
+		t.Errorf("%v callbacks were answered with neither a journal row nor a spill record", failures)
+	}
 	_ = a.signal(t, syscall.SIGKILL, 5*time.Second)
 	// Each callback names a multiple of ten, whose lookup hangs.
-	if held := journalRowsOf(t, db, a.cmd.Process.Pid); held < len(s.acked) || held == 0 {
-		t.Fatalf("%d journal rows at the kill, want each of the %d acknowledged callbacks", held, len(s.acked))
+	// (A callback whose journal commit was late may be in the spill only.)
+	if held := journalRowsOf(t, db, a.cmd.Process.Pid); held == 0 {
+		t.Fatalf("no journal row at the kill of %d acknowledged callbacks: the takeover is untested", len(s.acked))
 	}
 	// The takeover is the other tests' subject; under busy loops the
 	// fake object service in this process is starved past the fetch
 	// timeout (seen on a loaded machine) and the takeover outlasts the TTL.
 	stopBusy()
 	free()
-	b := startProc(t, dsn, up.URL, "-lease", "1s")
+	b := startProc(t, dsn, up.URL, "-lease", "1s", "-spill-dir", spillDir)
 	s.checkAllLanded(t, dsn, landWithin)
 	wantReplayed(t, b.base)
 }
@@ -552,6 +553,12 @@ func TestDatabaseOutageMidRun(t *testing.T) {
 		t.Errorf("%d callbacks not acknowledged during the outage", s.failed)
 	}
 	s.checkAllLanded(t, dsn, landWithin)
+	if n := svc.metric(t, "objtrack_journal_failures_total"); n != 0 {
+		t.Errorf("%v callbacks answered with neither a journal row nor a spill record, want 0", n)
+	}
+	if n := svc.metric(t, "objtrack_spill_appended_total"); n == 0 {
+		t.Error("nothing spilled during the outage")
+	}
 	// The callbacks accepted into memory only during the outage were
 	// journaled once PostgreSQL was back (or finished before that).
 	eventually(t, landWithin, "no callback in memory only", func() bool {
@@ -593,9 +600,10 @@ func TestFloodBeyondBacklogGets503NotACrash(t *testing.T) {
 	})
 }
 
-// Callbacks accepted into memory only while PostgreSQL is down are
-// journaled as soon as it is back, so a SIGKILL after the outage loses none
-// of them.
+// Callbacks accepted while PostgreSQL is down (into the spill) are
+// journaled in PostgreSQL as soon as it is back, so a SIGKILL after the
+// outage loses none of them even without the spill (the restart below uses
+// a new spill directory).
 func TestMemoryOnlyCallbacksAreJournaledWhenTheDatabaseReturns(t *testing.T) {
 	dsn := testDSN(t)
 	proxy := newTCPProxy(t, "")
@@ -625,13 +633,15 @@ func TestMemoryOnlyCallbacksAreJournaledWhenTheDatabaseReturns(t *testing.T) {
 	if len(s.acked) == 0 {
 		t.Fatal("no callback was acknowledged during the outage")
 	}
-	eventually(t, landWithin, "memory-only callbacks counted", func() bool {
-		return metricAt(t, a.base, "objtrack_callbacks_memory_only") == float64(len(s.acked))
+	eventually(t, landWithin, "callbacks spilled", func() bool {
+		return metricAt(t, a.base, "objtrack_spill_records") == float64(len(s.acked)) &&
+			metricAt(t, a.base, "objtrack_callbacks_memory_only") == 0
 	})
 	proxy.setUp(true)
 	eventually(t, landWithin, "memory-only callbacks journaled", func() bool {
 		return metricAt(t, a.base, "objtrack_journal_rejournaled_total") == float64(len(s.acked)) &&
-			metricAt(t, a.base, "objtrack_callbacks_memory_only") == 0
+			metricAt(t, a.base, "objtrack_callbacks_memory_only") == 0 &&
+			metricAt(t, a.base, "objtrack_spill_moved_total") == float64(len(s.acked))
 	})
 	_ = a.signal(t, syscall.SIGKILL, 5*time.Second)
 	once.Do(func() { close(release) })

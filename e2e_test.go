@@ -156,8 +156,8 @@ func TestStartsWithoutDatabaseAndCatchesUp(t *testing.T) {
 	}
 	resp.Body.Close()
 	status, body := post(t, svc.base, idsBody(2, 4))
-	if status != http.StatusAccepted || !strings.Contains(body, `"journaled":false`) {
-		t.Fatalf("status %d body %s, want 202 into memory", status, body)
+	if status != http.StatusAccepted || !strings.Contains(body, `"journaled":false`) || !strings.Contains(body, `"durable":"spill"`) {
+		t.Fatalf("status %d body %s, want 202 into the spill", status, body)
 	}
 	proxy.setUp(true)
 	svc.waitReady(t)

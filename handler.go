@@ -25,10 +25,15 @@ func routes(cfg config, pipe *pipeline, handling *answerLimiter, db *database, m
 	return recoverPanics(mux, g)
 }
 
+// acceptedBody is the 202's body. Durable says where the callback was
+// durable when answered: "postgres" (a committed journal row), "spill" (an
+// fsynced record on this instance's disk) or "memory" (neither: a crash
+// would lose it). Journaled is the older field, true for "postgres" only.
 type acceptedBody struct {
 	Status    string `json:"status"`
 	IDs       int    `json:"ids"`
 	Journaled bool   `json:"journaled"`
+	Durable   string `json:"durable"`
 }
 
 // handleCallback decodes and validates a callback, has the pipeline accept
@@ -74,8 +79,8 @@ func handleCallback(cfg config, pipe *pipeline, handling *answerLimiter, m *metr
 		}
 		m.callbacksAccepted.Inc()
 		m.idsReceived.Add(uint64(len(ids)))
-		log.Debug("callback accepted", "journal_id", acc.journalID, "ids", len(ids), "journaled", acc.journaled)
-		writeJSON(w, http.StatusAccepted, acceptedBody{Status: "accepted", IDs: len(ids), Journaled: acc.journaled})
+		log.Debug("callback accepted", "journal_id", acc.journalID, "ids", len(ids), "durable", acc.durable)
+		writeJSON(w, http.StatusAccepted, acceptedBody{Status: "accepted", IDs: len(ids), Journaled: acc.journaled, Durable: acc.durable})
 		answered = time.Since(receivedAt)
 		m.answer.Observe(answered.Seconds())
 	})

@@ -259,7 +259,7 @@ type service struct {
 func startService(t testing.TB, dsn, upstreamURL string, extra ...string) *service {
 	t.Helper()
 	addr := freeAddr(t)
-	args := append([]string{"objtrack", "-listen", addr, "-upstream", upstreamURL, "-dsn", dsn, "-log-level", "debug"}, extra...)
+	args := append([]string{"objtrack", "-listen", addr, "-upstream", upstreamURL, "-dsn", dsn, "-log-level", "debug", "-spill-dir", t.TempDir()}, extra...)
 	ctx, cancel := context.WithCancel(context.Background())
 	logs := &syncBuffer{}
 	done := make(chan error, 1)
@@ -424,6 +424,7 @@ func discardLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Disca
 // loops, for tests of one piece; it is closed when the test ends.
 func testApp(t testing.TB, cfg config, transport http.RoundTripper) *app {
 	t.Helper()
+	cfg.spillDir = t.TempDir() // each app its own, even two built from one config
 	a, err := newApp(cfg, discardLogger(), transport)
 	if err != nil {
 		t.Fatalf("newApp: %v", err)

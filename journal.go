@@ -66,6 +66,7 @@ func (k *journalKeeper) round(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, k.every*4)
 	defer cancel()
 	k.rejournal(ctx)
+	k.pipe.spillMoved()
 	now := time.Now()
 	if err := k.store.renewLease(ctx, now.Add(k.lease)); err != nil {
 		k.guard.warn("renewing the journal lease failed", "err", err)

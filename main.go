@@ -121,9 +121,9 @@ func serve(ctx context.Context, a *app) error {
 		log.Warn("http shutdown incomplete", "err", err)
 		_ = srv.Close()
 	}
-	a.shutdown(shutCtx)
+	err = a.shutdown(shutCtx)
 	log.Info("stopped")
-	return nil
+	return err
 }
 
 // healthcheck asks a running service for path (/healthz or /readyz), so a

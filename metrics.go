@@ -31,6 +31,11 @@ type metrics struct {
 	journalExpired     counter
 	dbErrors           *labeled
 	panics             counter
+	spillAppended      counter
+	spillMoved         counter
+	spillCorrupt       counter
+	spillExpired       counter
+	spillErrors        counter
 
 	fetchesInFlight     gauge
 	fetchQueue          gauge
@@ -44,6 +49,9 @@ type metrics struct {
 	journalDepth        gauge
 	databaseUp          gauge
 	callbacksMemoryOnly gauge
+	spillRecords        gauge
+	spillBytes          gauge
+	spillSegments       gauge
 
 	// Inbound connections and descriptors (listener.go, budget.go).
 	inboundConns     gauge
@@ -56,6 +64,7 @@ type metrics struct {
 	completion    *histogram
 	answer        *histogram
 	journalCommit *histogram
+	spillFsync    *histogram
 
 	all []exported
 }
@@ -87,6 +96,7 @@ func newMetrics() *metrics {
 		completion:        newHistogram(0.1, 0.5, 1, 2, 3, 4, 5, 7.5, 10, 15, 20, 30),
 		answer:            newHistogram(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1),
 		journalCommit:     newHistogram(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2, 5),
+		spillFsync:        newHistogram(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
 	}
 	m.all = []exported{
 		{"objtrack_callbacks_accepted_total", "Callbacks answered 202.", "counter", &m.callbacksAccepted},
@@ -101,8 +111,8 @@ func newMetrics() *metrics {
 		{"objtrack_rows_upserted_total", "Rows inserted or moved forward in time in the objects table.", "counter", &m.rowsUpserted},
 		{"objtrack_rows_reaped_total", "Rows deleted from the objects table for being older than the TTL.", "counter", &m.rowsReaped},
 		{"objtrack_journal_writes_total", "Callbacks whose journal row the handler path committed (before or after the answer).", "counter", &m.journalWrites},
-		{"objtrack_journal_failures_total", "Callbacks answered before their journal row was committed (late or never).", "counter", &m.journalFailures},
-		{"objtrack_journal_late_total", "Of the journal failures, callbacks whose row was committed after the answer.", "counter", &m.journalLate},
+		{"objtrack_journal_failures_total", "Callbacks answered 2xx with neither a committed journal row nor a spill record.", "counter", &m.journalFailures},
+		{"objtrack_journal_late_total", "Callbacks whose journal row was committed after their answer (spilled before it, or counted as failures).", "counter", &m.journalLate},
 		{"objtrack_journal_rejournaled_total", "Callbacks accepted into memory only whose row was written once PostgreSQL was back.", "counter", &m.journalRejournaled},
 		{"objtrack_journal_replayed_total", "Journal rows taken over from a stopped or crashed instance.", "counter", &m.journalReplayed},
 		{"objtrack_journal_expired_total", "Journal rows deleted unprocessed because they were older than the TTL.", "counter", &m.journalExpired},
@@ -119,7 +129,7 @@ func newMetrics() *metrics {
 		{"objtrack_ids_in_memory", "Object ids of the callbacks in memory.", "gauge", &m.idsInMemory},
 		{"objtrack_journal_depth", "Rows in the journal table, all instances.", "gauge", &m.journalDepth},
 		{"objtrack_database_up", "1 when PostgreSQL is reachable and the schema applied.", "gauge", &m.databaseUp},
-		{"objtrack_callbacks_memory_only", "Callbacks in memory without a committed journal row (a crash would lose them).", "gauge", &m.callbacksMemoryOnly},
+		{"objtrack_callbacks_memory_only", "Callbacks in memory with neither a committed journal row nor a spill record (a crash would lose them).", "gauge", &m.callbacksMemoryOnly},
 		{"objtrack_inbound_connections", "Inbound connections open now.", "gauge", &m.inboundConns},
 		{"objtrack_inbound_limit", "Most inbound connections open at once (-max-conns, fitted to the descriptor budget).", "gauge", &m.inboundLimit},
 		{"objtrack_inbound_closed_total", "Inbound connections closed by the service to stay within the limit, by reason.", "counter", m.inboundClosed},
@@ -129,6 +139,15 @@ func newMetrics() *metrics {
 		{"objtrack_callback_completion_seconds", "Time from receiving a callback to committing its objects.", "histogram", m.completion},
 		{"objtrack_callback_answer_seconds", "Time from receiving a callback to writing its 202 (senders give up after 1s).", "histogram", m.answer},
 		{"objtrack_journal_commit_seconds", "Time from receiving a callback to committing its journal row.", "histogram", m.journalCommit},
+		{"objtrack_spill_records", "Callbacks in the local spill journal not yet moved into PostgreSQL (nor past the TTL).", "gauge", &m.spillRecords},
+		{"objtrack_spill_bytes", "Bytes in the spill journal's segments.", "gauge", &m.spillBytes},
+		{"objtrack_spill_segments", "Segment files in the spill journal.", "gauge", &m.spillSegments},
+		{"objtrack_spill_fsync_seconds", "Time for one fsync of the spill journal (one fsync covers every callback of a batch).", "histogram", m.spillFsync},
+		{"objtrack_spill_appended_total", "Callbacks written and fsynced to the spill journal.", "counter", &m.spillAppended},
+		{"objtrack_spill_moved_total", "Spilled callbacks whose journal row then committed in PostgreSQL (or that were applied), so their spill record is no longer needed.", "counter", &m.spillMoved},
+		{"objtrack_spill_corrupt_total", "Spill records found torn or failing their CRC when the spill was replayed at start (cut at a segment's tail, skipped in the middle).", "counter", &m.spillCorrupt},
+		{"objtrack_spill_expired_total", "Spilled callbacks dropped unmoved because their receipt time was past the TTL.", "counter", &m.spillExpired},
+		{"objtrack_spill_errors_total", "Spill batches the disk refused (write or fsync failed); their callbacks were answered from memory only.", "counter", &m.spillErrors},
 	}
 	m.all = append(m.all, processMetrics(readBuildInfo())...)
 	return m

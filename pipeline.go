@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -21,6 +22,7 @@ type pipeline struct {
 	log       *slog.Logger
 	metrics   *metrics
 	guard     *guard
+	spill     *spill // where a callback is made durable when its journal row is not committed in time
 
 	// ctx ends when the grace period after SIGTERM is over: fetches and
 	// writes stop and what is left is parked in the journal.
@@ -40,10 +42,10 @@ type pipeline struct {
 	heldIDs int
 }
 
-func newPipeline(cfg config, f *fetcher, w *writer, a *admission, db *database, log *slog.Logger, m *metrics, g *guard) *pipeline {
+func newPipeline(cfg config, f *fetcher, w *writer, a *admission, db *database, sp *spill, log *slog.Logger, m *metrics, g *guard) *pipeline {
 	ctx, abort := context.WithCancel(context.Background())
 	return &pipeline{
-		cfg: cfg, fetcher: f, writer: w, admission: a, db: db, log: log, metrics: m, guard: g,
+		cfg: cfg, fetcher: f, writer: w, admission: a, db: db, spill: sp, log: log, metrics: m, guard: g,
 		ctx: ctx, abort: abort,
 		held: make(map[int64]*callback),
 	}
@@ -52,8 +54,24 @@ func newPipeline(cfg config, f *fetcher, w *writer, a *admission, db *database, 
 // accepted is what the sender is told about an accepted callback.
 type accepted struct {
 	journalID int64
-	journaled bool // its journal row was committed before the answer
+	journaled bool   // its journal row was committed before the answer
+	durable   string // where it was durable when answered: durablePostgres, durableSpill or durableMemory
 }
+
+// Where an accepted callback is durable when it is answered.
+const (
+	durablePostgres = "postgres" // a committed journal row
+	durableSpill    = "spill"    // an fsynced record in the local spill
+	durableMemory   = "memory"   // neither store took it in time: a crash loses it
+)
+
+// spillTimeout bounds the wait for a spill fsync. An fsync takes
+// milliseconds, but on a starved machine the writer may not run for a
+// while, and a 2xx must not go out before the record is durable: an answer
+// past the sender's 1s reaches no one and costs nothing, one without a
+// record may lose the callback. A disk that has not answered in 2s is
+// failing, and the callback is then answered from memory (counted).
+const spillTimeout = 2 * time.Second
 
 // accept takes a callback received at receivedAt into the pipeline: admit
 // (or errBacklogFull, or *overloaded when its new ids could not be fetched
@@ -72,12 +90,69 @@ func (p *pipeline) accept(receivedAt time.Time, objectIDs []int64) (accepted, er
 		return accepted{}, err
 	}
 	journaled := p.journal(cb)
+	durable := durablePostgres
 	if !journaled {
+		durable = p.spillOne(cb)
+	}
+	if durable == durableMemory {
 		p.metrics.journalFailures.Inc()
 		p.warnMemoryOnly()
 	}
 	p.start(cb)
-	return accepted{journalID: cb.journalID, journaled: journaled}, nil
+	return accepted{journalID: cb.journalID, journaled: journaled, durable: durable}, nil
+}
+
+// spillOne makes cb durable in the local spill, for when its journal row
+// was not committed by the answer deadline (PostgreSQL down or slow). The
+// answer waits for the fsync; the PostgreSQL write, if any, goes on.
+func (p *pipeline) spillOne(cb *callback) string {
+	ctx, cancel := context.WithTimeout(context.Background(), spillTimeout)
+	defer cancel()
+	if err := p.spill.append(ctx, cb.journalRow()); err != nil {
+		p.guard.warn("could not spill a callback; answering it from memory only", "err", err)
+		return durableMemory
+	}
+	if cb.journaled() { // the row committed meanwhile: the record is not needed
+		p.spill.moved(cb.journalID)
+	}
+	return durableSpill
+}
+
+// replaySpill takes up the callbacks a previous run left in the spill,
+// oldest first, before any new callback: they are held in memory without a
+// journal row, so the journal keeper moves them into PostgreSQL as soon as
+// it can, and their lookups start at once (their earlier deadlines put them
+// first in the fetch queue). It returns how many it took.
+func (p *pipeline) replaySpill(rows []journalRow) int {
+	n := 0
+	for _, r := range rows {
+		cb := newCallback(r.receivedAt, dedupe(r.objectIDs))
+		cb.journalID = r.journalID
+		if p.adopt(cb) == nil {
+			p.start(cb)
+			n++
+		}
+	}
+	return n
+}
+
+// spillMoved marks as moved the spill records of the callbacks in memory
+// whose journal row has committed since they were spilled (by the journal
+// writer, late, or by the journal keeper).
+func (p *pipeline) spillMoved() {
+	ids := p.spill.pending()
+	if len(ids) == 0 {
+		return
+	}
+	var done []int64
+	p.mu.Lock()
+	for _, id := range ids {
+		if cb, ok := p.held[id]; ok && cb.journaled() {
+			done = append(done, id)
+		}
+	}
+	p.mu.Unlock()
+	p.spill.moved(done...)
 }
 
 // resume takes over journal rows that the journal keeper claimed and starts
@@ -155,7 +230,7 @@ func (p *pipeline) journal(cb *callback) bool {
 }
 
 // warnMemoryOnly logs, once per change of state, that callbacks are being
-// answered without a committed journal row.
+// answered with neither a committed journal row nor a spill record.
 func (p *pipeline) warnMemoryOnly() {
 	if p.memoryOnlyTold.Swap(true) {
 		return
@@ -164,12 +239,12 @@ func (p *pipeline) warnMemoryOnly() {
 	if err := p.db.ready(); err != nil {
 		state = err.Error()
 	}
-	p.log.Warn("callbacks answered before their journal row was committed; they are journaled as soon as the database allows", "database", state)
+	p.log.Warn("callbacks answered with neither a journal row nor a spill record (a crash would lose them); they are journaled as soon as the database allows", "database", state)
 }
 
 // unjournaled takes the callbacks in memory that have no journal row and no
-// write in progress, marking a write begun on each: the journal keeper
-// writes them as soon as the database is back.
+// write in progress, oldest first, marking a write begun on each: the
+// journal keeper writes them as soon as the database is back.
 func (p *pipeline) unjournaled() []*callback {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -179,16 +254,18 @@ func (p *pipeline) unjournaled() []*callback {
 			out = append(out, cb)
 		}
 	}
+	slices.SortFunc(out, func(a, b *callback) int { return a.receivedAt.Compare(b.receivedAt) })
 	return out
 }
 
-// memoryOnly counts the callbacks in memory without a journal row.
+// memoryOnly counts the callbacks in memory with neither a journal row nor
+// a spill record.
 func (p *pipeline) memoryOnly() int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	n := 0
 	for _, cb := range p.held {
-		if !cb.journaled() {
+		if !cb.journaled() && !p.spill.has(cb.journalID) {
 			n++
 		}
 	}
@@ -279,6 +356,7 @@ func (p *pipeline) process(cb *callback) {
 	default: // aborted by shutdown
 		return
 	}
+	p.spill.moved(cb.journalID) // applied: a spill record of it is spent
 	p.forget(cb)
 }
 
