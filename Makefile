@@ -1,5 +1,9 @@
-# Each target runs against DATABASE_URL if set, otherwise against a throwaway
-# PostgreSQL that scripts/with-postgres starts and removes.
+# demo, test, bench and gobench run against DATABASE_URL if set, otherwise
+# against a throwaway PostgreSQL that scripts/with-postgres starts and
+# removes. bench empties its tables, so it refuses a DATABASE_URL that is not
+# that throwaway unless OBJTRACK_BENCH_MAY_TRUNCATE=1. drills need the
+# throwaway one (they stop and restart it): run them with DATABASE_URL unset.
+# image-test always starts its own.
 .PHONY: demo test bench gobench drills build fuzz
 
 demo:

@@ -11,6 +11,9 @@ import (
 // The DSN's password must never be printed, and the DSN may be malformed:
 // parsers repeat a string they cannot parse in their errors, so the DSN is
 // redacted by scanning it, before anything parses it.
+//
+// sim/dsn.go is a copy of this file, for the simulator's database errors
+// (it is another package main); TestSimDSNIsACopy keeps the two equal.
 
 const (
 	// hiddenValue stands for a password that was removed.

@@ -142,3 +142,10 @@ func TestPprofCmdlineHidesPassword(t *testing.T) {
 	}
 }
 
+// The simulator redacts its database errors with a copy of dsn.go (it is
+// another package main); the copy must not drift from the original.
+func TestSimDSNIsACopy(t *testing.T) {
+	if readDoc(t, "dsn.go") != readDoc(t, "sim/dsn.go") {
+		t.Error("sim/dsn.go differs from dsn.go: copy it again (cp dsn.go sim/dsn.go)")
+	}
+}
