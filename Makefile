@@ -4,7 +4,7 @@
 # that throwaway unless OBJTRACK_BENCH_MAY_TRUNCATE=1. drills need the
 # throwaway one (they stop and restart it): run them with DATABASE_URL unset.
 # image-test always starts its own.
-.PHONY: demo test bench gobench drills build fuzz
+.PHONY: demo test bench gobench drills build fuzz image-test
 
 demo:
 	scripts/demo
@@ -37,3 +37,10 @@ build:
 
 fuzz:
 	go test -run '^$$' -fuzz FuzzDecodeCallback -fuzztime 60s .
+
+# The container image built with podman (and runc) and run against a
+# throwaway PostgreSQL: readiness, callbacks reaching the table, the health
+# checks inside, a clean stop, the build info; then docker-compose.yaml read
+# and checked (2-4 minutes; root; installs podman, runc and busybox-static).
+image-test:
+	scripts/image-test
