@@ -136,7 +136,7 @@ func parseConfig(args []string, getenv func(string) string, out io.Writer) (conf
 	fs.Usage = func() {}
 	fs.StringVar(&c.listen, "listen", "localhost:9090", "address to serve callbacks, /healthz, /readyz and /metrics on")
 	fs.StringVar(&c.upstream, "upstream", "http://localhost:9010", "base URL of the object service; objects are fetched from {upstream}/objects/{id}")
-	fs.StringVar(&c.dsn, "dsn", "", "PostgreSQL connection string (URL or key=value); the password is never logged")
+	fs.StringVar(&c.dsn, "dsn", "", "PostgreSQL connection string (URL or key=value); prefer DATABASE_URL, since ps shows the command line; the password is never logged")
 	fs.DurationVar(&c.ttl, "ttl", 30*time.Second, "forget an object this long after the last callback that named it")
 	fs.DurationVar(&c.reapEvery, "reap-every", time.Second, "how often the reaper deletes rows older than -ttl")
 	fs.IntVar(&c.maxInflight, "max-inflight", 16384, "most fetches in flight to the object service at once, across all callbacks; capped by the open-file limit")
