@@ -41,6 +41,6 @@ fuzz:
 # The container image built with podman (and runc) and run against a
 # throwaway PostgreSQL: readiness, callbacks reaching the table, the health
 # checks inside, a clean stop, the build info; then docker-compose.yaml read
-# and checked (2-4 minutes; root; installs podman, runc and busybox-static).
+# and checked (3-7 minutes; root; installs podman, runc, busybox-static, python3-yaml).
 image-test:
 	scripts/image-test
