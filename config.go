@@ -60,6 +60,7 @@ var flagExamples = map[string]string{
 	"dsn":       "postgres://objtrack@db.internal/objtrack",
 	"pprof":     "localhost:6060",
 	"max-conns": "4096",
+	"spill-dir": "/var/lib/objtrack/spill",
 }
 
 // flagExample is a value that -name accepts: the example above, or else its

@@ -149,3 +149,20 @@ func TestSimDSNIsACopy(t *testing.T) {
 		t.Error("sim/dsn.go differs from dsn.go: copy it again (cp dsn.go sim/dsn.go)")
 	}
 }
+
+// The example an error offers for each flag is a value the flag accepts.
+func TestFlagExamplesAreAccepted(t *testing.T) {
+	for _, name := range helpFlagNames(t) {
+		if modeFlags[name] {
+			continue
+		}
+		example := flagExamples[name]
+		args := []string{"-dsn", "x"}
+		if example != "" {
+			args = append(args, "-"+name+"="+example)
+		}
+		if _, err := parseConfig(args, func(string) string { return "" }, io.Discard); err != nil {
+			t.Errorf("-%s=%s: %v", name, example, err)
+		}
+	}
+}
