@@ -1,6 +1,9 @@
 # syntax=docker/dockerfile:1
-# Build: static binaries, no cgo.
-FROM golang:1.26-bookworm AS build
+# Build: static binaries, no cgo. GO_IMAGE is the build stage's base: any
+# image with Go 1.26 and a shell; make image-test passes a stand-in built
+# from the local toolchain, since no image registry is reachable there.
+ARG GO_IMAGE=golang:1.26-bookworm
+FROM ${GO_IMAGE} AS build
 WORKDIR /src
 COPY go.mod go.sum ./
 RUN go mod download
@@ -23,6 +26,9 @@ ENTRYPOINT ["/sim"]
 
 # The service: the final, default stage. A scratch image holding the binary
 # and CA certificates (for an https upstream), run as a non-root user.
+# On SIGTERM it stops taking callbacks, finishes for up to -grace (10 s) and
+# parks what is left in the journal (up to 3 s more): give it
+# docker run --stop-timeout 15 (the default, 10 s, kills it mid-park).
 FROM scratch
 COPY --from=build /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
 COPY --from=build /out/objtrack /objtrack

@@ -60,15 +60,90 @@ func envName(flagName string) string {
 	return "OBJTRACK_" + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
 }
 
+// flagExamples are the values an error message offers for flags whose
+// default is not a good example (empty, or 0 meaning "derived").
+var flagExamples = map[string]string{
+	"dsn":       "postgres://objtrack@db.internal/objtrack",
+	"pprof":     "localhost:6060",
+	"max-conns": "4096",
+	"spill-dir": "/var/lib/objtrack/spill",
+}
+
+// flagExample is a value that -name accepts: the example above, or else its
+// default.
+func flagExample(f *flag.Flag) string {
+	if v, ok := flagExamples[f.Name]; ok {
+		return v
+	}
+	return f.DefValue
+}
+
+// usageError is a configuration the service cannot run with: main prints it
+// without the usage text and exits 2, as command-line usage errors
+// conventionally do. It may join several errors, one line each.
+type usageError struct{ err error }
+
+func (e usageError) Error() string { return e.err.Error() }
+func (e usageError) Unwrap() error { return e.err }
+
+// recordingValue wraps a flag's value to remember the first value it
+// rejected, so that the error can name the flag, the value and an example
+// in one line, where the flag package has its own wording.
+type recordingValue struct {
+	flag.Value
+	rejected **rejectedValue
+	name     string
+}
+
+type rejectedValue struct {
+	name, value string
+	err         error
+}
+
+func (v recordingValue) Set(s string) error {
+	err := v.Value.Set(s)
+	if err != nil && *v.rejected == nil {
+		*v.rejected = &rejectedValue{v.name, s, err}
+	}
+	return err
+}
+
+// IsBoolFlag keeps boolean flags usable without a value (-coalesce).
+func (v recordingValue) IsBoolFlag() bool {
+	b, ok := v.Value.(interface{ IsBoolFlag() bool })
+	return ok && b.IsBoolFlag()
+}
+
+// valueError says what is wrong with a value the flag package rejected: its
+// own "parse error" becomes "not a duration" (or int, ...).
+func valueError(f *flag.Flag, err error) string {
+	if err.Error() == "parse error" {
+		typ, _ := flag.UnquoteUsage(f)
+		if typ == "" {
+			typ = "bool"
+		}
+		return "not a valid " + typ
+	}
+	return err.Error()
+}
+
+// settingName is how an error names where a flag's value came from: the
+// flag, or the environment variable that set it.
+type settingName func(flagName string) string
+
 // parseConfig reads flags from args, falling back to the environment for any
-// flag not given on the command line.
+// flag not given on the command line. With -help it writes the usage to out
+// and returns flag.ErrHelp; every other error is a usageError.
 func parseConfig(args []string, getenv func(string) string, out io.Writer) (config, error) {
 	var c config
 	fs := flag.NewFlagSet("objtrack", flag.ContinueOnError)
-	fs.SetOutput(out)
+	// The flag package would print each error and the whole usage; the
+	// error alone, as one line, says more (the usage is for -help).
+	fs.SetOutput(io.Discard)
+	fs.Usage = func() {}
 	fs.StringVar(&c.listen, "listen", "localhost:9090", "address to serve callbacks, /healthz, /readyz and /metrics on")
 	fs.StringVar(&c.upstream, "upstream", "http://localhost:9010", "base URL of the object service; objects are fetched from {upstream}/objects/{id}")
-	fs.StringVar(&c.dsn, "dsn", "", "PostgreSQL connection string (URL or key=value); the password is never logged")
+	fs.StringVar(&c.dsn, "dsn", "", "PostgreSQL connection string (URL or key=value); prefer DATABASE_URL, since ps shows the command line; the password is never logged")
 	fs.DurationVar(&c.ttl, "ttl", 30*time.Second, "forget an object this long after the last callback that named it")
 	fs.DurationVar(&c.reapEvery, "reap-every", time.Second, "how often the reaper deletes rows older than -ttl")
 	fs.IntVar(&c.maxInflight, "max-inflight", 16384, "most fetches in flight to the object service at once, across all callbacks; capped by the open-file limit")
@@ -94,6 +169,7 @@ func parseConfig(args []string, getenv func(string) string, out io.Writer) (conf
 
 	// The environment fills in defaults; the command line overrides it.
 	var envErr error
+	fromEnv := map[string]bool{}
 	fs.VisitAll(func(f *flag.Flag) {
 		if modeFlags[f.Name] {
 			f.Usage += " (command line only)"
@@ -103,55 +179,93 @@ func parseConfig(args []string, getenv func(string) string, out io.Writer) (conf
 		f.Usage += fmt.Sprintf(" (env %s)", env)
 		if v := getenv(env); v != "" && envErr == nil {
 			if err := f.Value.Set(v); err != nil {
-				envErr = fmt.Errorf("environment %s=%q: %w", env, v, err)
+				envErr = fmt.Errorf("environment %s=%q: %s; for example %s=%s", env, v, valueError(f, err), env, flagExample(f))
 			}
+			fromEnv[f.Name] = true
 		}
 	})
-	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: objtrack [flags]\n\nServes POST /callback {\"object_ids\":[...]}, looks each id up at {upstream}/objects/{id},\nand keeps online objects in the PostgreSQL table objects(id, last_seen).\n\nFlags (each falls back to the environment variable shown; those that make\nobjtrack do something else than serve are read from the command line only):\n")
-		fs.PrintDefaults()
-	}
 	if envErr != nil {
-		return c, envErr
+		return c, usageError{envErr}
 	}
-	if err := fs.Parse(args); err != nil {
-		return c, err
+	var rejected *rejectedValue
+	fs.VisitAll(func(f *flag.Flag) {
+		f.Value = recordingValue{Value: f.Value, rejected: &rejected, name: f.Name}
+	})
+	err := fs.Parse(args)
+	// The flag package reads the values' types for the usage text.
+	fs.VisitAll(func(f *flag.Flag) { f.Value = f.Value.(recordingValue).Value })
+	if err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			printUsage(fs, out)
+			return c, err
+		}
+		if r := rejected; r != nil {
+			f := fs.Lookup(r.name)
+			return c, usageError{fmt.Errorf("-%s %q: %s; for example -%s %s", r.name, r.value, valueError(f, r.err), r.name, flagExample(f))}
+		}
+		return c, usageError{fmt.Errorf("%w (objtrack -help lists the flags)", err)}
 	}
 	if fs.NArg() > 0 {
-		return c, fmt.Errorf("unexpected arguments: %q", fs.Args())
+		return c, usageError{fmt.Errorf("unexpected arguments: %q (flags take -name value; objtrack -help lists them)", fs.Args())}
 	}
-	return c, c.validate()
+	fs.Visit(func(f *flag.Flag) { delete(fromEnv, f.Name) })
+	name := func(flagName string) string {
+		if fromEnv[flagName] {
+			return envName(flagName) + " (-" + flagName + ")"
+		}
+		return "-" + flagName
+	}
+	if err := c.validate(fs, name); err != nil {
+		return c, usageError{err}
+	}
+	return c, nil
 }
 
-func (c config) validate() error {
+func printUsage(fs *flag.FlagSet, out io.Writer) {
+	fs.SetOutput(out)
+	fmt.Fprintf(out, "Usage: objtrack [flags]\n\nServes POST /callback {\"object_ids\":[...]}, looks each id up at {upstream}/objects/{id},\nand keeps online objects in the PostgreSQL table objects(id, last_seen).\n\nFlags (each falls back to the environment variable shown; those that make\nobjtrack do something else than serve are read from the command line only):\n")
+	fs.PrintDefaults()
+}
+
+// validate checks the values together; each error names the flag (or the
+// environment variable that set it), the value and an example.
+func (c config) validate(fs *flag.FlagSet, name settingName) error {
 	var errs []error
-	check := func(ok bool, format string, a ...any) {
-		if !ok {
-			errs = append(errs, fmt.Errorf(format, a...))
+	check := func(ok bool, flagName, want string) {
+		if ok {
+			return
 		}
+		f := fs.Lookup(flagName)
+		example := "-" + flagName + " " + flagExample(f)
+		if n := name(flagName); n != "-"+flagName {
+			example = envName(flagName) + "=" + flagExample(f)
+		}
+		errs = append(errs, fmt.Errorf("%s %q: %s; for example %s", name(flagName), f.Value.String(), want, example))
 	}
 	u, err := url.Parse(c.upstream)
-	check(err == nil && (u.Scheme == "http" || u.Scheme == "https") && u.Host != "", "-upstream %q: want an http(s) URL with a host", c.upstream)
-	check(c.dsn != "" || c.healthcheck || c.version, "-dsn is required (or set DATABASE_URL)")
-	check(strings.HasPrefix(c.healthPath, "/"), "-healthcheck-path %q: want a path starting with /", c.healthPath)
-	check(c.ttl > 0, "-ttl must be positive")
-	check(c.reapEvery > 0, "-reap-every must be positive")
-	check(c.maxInflight > 0, "-max-inflight must be positive")
-	check(c.maxConns >= 0, "-max-conns must not be negative (0: the default share)")
-	check(c.maxIDs > 0, "-max-ids must be positive")
-	check(c.maxBody > 0, "-max-body must be positive")
-	check(c.grace >= 0, "-grace must not be negative")
-	check(c.maxBacklog > 0, "-max-backlog must be positive")
-	check(c.maxBacklogIDs > 0, "-max-backlog-ids must be positive")
-	check(c.journalTimeout > 0 && c.journalTimeout < time.Second, "-journal-timeout must be between 0 and 1s (the sender gives up after 1s)")
-	check(c.spillDir != "", "-spill-dir must not be empty")
-	check(c.lease >= time.Second, "-lease must be at least 1s")
-	check(c.fetchTimeout > 0, "-fetch-timeout must be positive")
-	check(c.maxQueueWait > 0, "-max-queue-wait must be positive")
-	check(c.dbConns >= 4, "-db-conns must be at least 4")
-	check(c.logFormat == "text" || c.logFormat == "json", "-log-format must be text or json")
+	check(err == nil && (u.Scheme == "http" || u.Scheme == "https") && u.Host != "", "upstream", "want an http(s) URL with a host")
+	if c.dsn == "" && !c.healthcheck && !c.version {
+		errs = append(errs, errors.New("-dsn is required: set DATABASE_URL in the environment (keeps the password out of ps), e.g. DATABASE_URL=postgres://objtrack@db.internal/objtrack"))
+	}
+	check(strings.HasPrefix(c.healthPath, "/"), "healthcheck-path", "want a path starting with /")
+	check(c.ttl > 0, "ttl", "must be positive")
+	check(c.reapEvery > 0, "reap-every", "must be positive")
+	check(c.maxInflight > 0, "max-inflight", "must be positive")
+	check(c.maxConns >= 0, "max-conns", "must not be negative (0: the default share)")
+	check(c.maxIDs > 0, "max-ids", "must be positive")
+	check(c.maxBody > 0, "max-body", "must be positive")
+	check(c.grace >= 0, "grace", "must not be negative")
+	check(c.maxBacklog > 0, "max-backlog", "must be positive")
+	check(c.maxBacklogIDs > 0, "max-backlog-ids", "must be positive")
+	check(c.journalTimeout > 0 && c.journalTimeout < time.Second, "journal-timeout", "must be between 0 and 1s (the sender gives up after 1s)")
+	check(c.spillDir != "", "spill-dir", "must not be empty")
+	check(c.lease >= time.Second, "lease", "must be at least 1s")
+	check(c.fetchTimeout > 0, "fetch-timeout", "must be positive")
+	check(c.maxQueueWait > 0, "max-queue-wait", "must be positive")
+	check(c.dbConns >= 4, "db-conns", "must be at least 4")
+	check(c.logFormat == "text" || c.logFormat == "json", "log-format", "want text or json")
 	var lvl slog.Level
-	check(lvl.UnmarshalText([]byte(c.logLevel)) == nil, "-log-level %q: want debug, info, warn or error", c.logLevel)
+	check(lvl.UnmarshalText([]byte(c.logLevel)) == nil, "log-level", "want debug, info, warn or error")
 	return errors.Join(errs...)
 }
 

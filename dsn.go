@@ -11,6 +11,9 @@ import (
 // The DSN's password must never be printed, and the DSN may be malformed:
 // parsers repeat a string they cannot parse in their errors, so the DSN is
 // redacted by scanning it, before anything parses it.
+//
+// sim/dsn.go is a copy of this file, for the simulator's database errors
+// (it is another package main); TestSimDSNIsACopy keeps the two equal.
 
 const (
 	// hiddenValue stands for a password that was removed.
@@ -76,10 +79,13 @@ func isPasswordKey(k string) bool {
 
 // redactKeyValues reads a key=value DSN by libpq's rules (values may be
 // 'quoted', with \ escaping the next character) and hides password values.
-// At the first thing that does not scan it stops and hides the rest.
+// At the first thing that does not scan it stops. The rest is shown when it
+// cannot hold a password, so that the operator sees the mistake ("localhost"
+// where "host=localhost" was meant), and hidden otherwise.
 func redactKeyValues(dsn string) string {
 	var out []string
 	s := dsn
+	afterPassword := false
 	for {
 		s = strings.TrimLeft(s, " \t\n\r\f\v")
 		if s == "" {
@@ -87,14 +93,26 @@ func redactKeyValues(dsn string) string {
 		}
 		key, value, rest, ok := nextKeyValue(s)
 		if !ok {
-			return strings.Join(append(out, hiddenRest), " ")
+			if afterPassword || mayHoldPassword(s) {
+				s = hiddenRest
+			}
+			return strings.Join(append(out, s), " ")
 		}
-		if isPasswordKey(key) {
+		afterPassword = isPasswordKey(key)
+		if afterPassword {
 			value = hiddenValue
 		}
 		out = append(out, key+"="+value)
 		s = rest
 	}
+}
+
+// mayHoldPassword tells whether the unreadable rest of a key=value DSN may
+// hold a password: it names one, or it looks like user:password@host with
+// the scheme left out. A rest right after a password value is hidden by the
+// caller too, since an unquoted space may have split the password.
+func mayHoldPassword(rest string) bool {
+	return isPasswordKey(rest) || strings.ContainsAny(rest, ":@'\\")
 }
 
 // nextKeyValue splits the first key=value off s (which starts with the key)
@@ -140,10 +158,15 @@ var goQuoted = regexp.MustCompile(`"(?:[^"\\]|\\.)*"`)
 func dsnError(dsn string, err error) error {
 	safe := redactDSN(dsn)
 	msg := goQuoted.ReplaceAllStringFunc(err.Error(), func(q string) string {
-		if s, uerr := strconv.Unquote(q); uerr == nil && strings.Contains(safe, s) {
+		if s, uerr := strconv.Unquote(q); uerr == nil && (strings.Contains(safe, s) || isSyntax(s)) {
 			return q
 		}
 		return `"` + hiddenRest + `"`
 	})
 	return fmt.Errorf("-dsn %s: %s", safe, msg)
 }
+
+// isSyntax tells whether a quoted piece of the driver's message is the
+// punctuation it expected (missing "=" after ...): the hint the operator
+// needs, and no secret.
+func isSyntax(s string) bool { return s == "=" }

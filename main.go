@@ -19,20 +19,59 @@ import (
 	"net/http/pprof"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 )
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	if err := run(ctx, os.Args, os.Getenv, os.Stdout); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			os.Exit(0)
-		}
-		fmt.Fprintln(os.Stderr, "objtrack:", err)
-		os.Exit(1)
+	code := exitCode(run(ctx, os.Args, os.Getenv, os.Stdout), os.Stderr)
+	stop()
+	os.Exit(code)
+}
+
+// Exit codes: 2 for a command line or environment the service cannot run
+// with, as command-line usage errors conventionally do; 1 for a failure.
+const (
+	exitFailure = 1
+	exitUsage   = 2
+)
+
+// exitCode prints run's error to stderr, one line per error with the
+// program's name in front, and returns the exit code for it.
+func exitCode(err error, stderr io.Writer) int {
+	if err == nil || errors.Is(err, flag.ErrHelp) {
+		return 0
 	}
+	var errs []error
+	if joined, ok := unwrapJoined(err); ok {
+		errs = joined
+	} else {
+		errs = []error{err}
+	}
+	for _, e := range errs {
+		for _, line := range strings.Split(e.Error(), "\n") {
+			fmt.Fprintln(stderr, "objtrack:", line)
+		}
+	}
+	if errors.As(err, new(usageError)) {
+		return exitUsage
+	}
+	return exitFailure
+}
+
+// unwrapJoined returns the errors that errors.Join put together in err (or
+// in the usageError around it).
+func unwrapJoined(err error) ([]error, bool) {
+	if u, ok := err.(usageError); ok {
+		err = u.err
+	}
+	j, ok := err.(interface{ Unwrap() []error })
+	if !ok {
+		return nil, false
+	}
+	return j.Unwrap(), true
 }
 
 // run is the whole service: parse, build, serve. main only adds the signal
@@ -77,7 +116,7 @@ func serve(ctx context.Context, a *app) error {
 	inner, err := net.Listen("tcp", cfg.listen)
 	if err != nil {
 		a.close()
-		return fmt.Errorf("listen on %s: %w", cfg.listen, err)
+		return fmt.Errorf("listen on %s (set by -listen or OBJTRACK_LISTEN; choose a free address): %w", cfg.listen, err)
 	}
 	ln := newLimitListener(inner, cfg.maxConns, a.metrics, newFDGuard(fdAccept, log, a.metrics))
 	a.start()
@@ -151,7 +190,8 @@ func healthcheck(listen, path string) error {
 func servePprof(ctx context.Context, addr string, log *slog.Logger, g *guard) error {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
-	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	// pprof.Cmdline would serve os.Args, -dsn and its password included.
+	mux.HandleFunc("/debug/pprof/cmdline", redactedCmdline)
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
@@ -173,4 +213,33 @@ func servePprof(ctx context.Context, addr string, log *slog.Logger, g *guard) er
 	}()
 	log.Info("pprof serving", "addr", ln.Addr().String())
 	return nil
+}
+
+// redactedCmdline answers as pprof.Cmdline does (the arguments separated by
+// NUL bytes), with the DSN's password hidden: -dsn's value, in any of the
+// flag package's forms, goes through redactDSN.
+func redactedCmdline(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("X-Content-Type-Options", "nosniff")
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	fmt.Fprint(w, strings.Join(redactArgs(os.Args), "\x00"))
+}
+
+// redactArgs returns args with the value of every -dsn (or --dsn) hidden by
+// redactDSN, whether given as "-dsn=VALUE" or as "-dsn VALUE".
+func redactArgs(args []string) []string {
+	out := make([]string, len(args))
+	copy(out, args)
+	for i := 1; i < len(out); i++ {
+		name, value, hasValue := strings.Cut(strings.TrimLeft(out[i], "-"), "=")
+		if !strings.HasPrefix(out[i], "-") || name != "dsn" {
+			continue
+		}
+		if hasValue {
+			out[i] = out[i][:len(out[i])-len(value)] + redactDSN(value)
+		} else if i+1 < len(out) {
+			out[i+1] = redactDSN(out[i+1])
+			i++
+		}
+	}
+	return out
 }

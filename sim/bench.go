@@ -18,12 +18,11 @@ package main
 // to what held.
 //
 //	go build -o bin/objtrack . && go build -o bin/sim ./sim
-//	bin/sim -mode bench -service bin/objtrack -dsn "$DATABASE_URL"
+//	scripts/with-postgres bin/sim -mode bench -service bin/objtrack
 
 import (
 	"bytes"
 	"context"
-	"database/sql"
 	"fmt"
 	"io"
 	"net"
@@ -227,6 +226,9 @@ func (b *bencher) steps(ctx context.Context, rates []float64, unique bool) (*ben
 }
 
 func bench(ctx context.Context, c config, stdout, stderr io.Writer) error {
+	if err := mayEmptyTables(c.dsn, os.Getenv); err != nil {
+		return err
+	}
 	self, err := os.Executable()
 	if err != nil {
 		return fmt.Errorf("find this program to run it: %w", err)
@@ -330,10 +332,10 @@ func measure(ctx context.Context, c config, self string, l benchLoad, stderr io.
 		}
 	}()
 
-	args := append([]string{"-target", svc.base + "/callback", "-listen", simAddr, "-dsn", c.dsn,
+	args := append([]string{"-target", svc.base + "/callback", "-listen", simAddr,
 		"-json", "-check-expiry=false", "-settle", "20s"}, l.args...)
 	start := time.Now()
-	sum, err := runSelf(ctx, self, args, stderr)
+	sum, err := runSelf(ctx, self, args, c.dsn, stderr)
 	// Wait for the sampler (at most one scrape, 2 s) so that it no longer
 	// writes res.peakFlight.
 	stopSampling()
@@ -414,13 +416,15 @@ func measureCeiling(ctx context.Context, self string, concurrency int64, stderr 
 		return benchSummary{}, fmt.Errorf("object service did not come up: %w", err)
 	}
 	return runSelf(ctx, self, []string{"-mode", "ceiling", "-ceiling-target", "http://" + addr,
-		"-concurrency", fmt.Sprint(concurrency), "-duration", "20s", "-json"}, stderr)
+		"-concurrency", fmt.Sprint(concurrency), "-duration", "20s", "-json"}, "", stderr)
 }
 
-// runSelf runs this program with args and returns its SUMMARY line; a
-// failing verdict (exit 1) still returns the summary.
-func runSelf(ctx context.Context, self string, args []string, stderr io.Writer) (benchSummary, error) {
+// runSelf runs this program with args, and dsn in DATABASE_URL rather than
+// in its arguments, where ps would show the password. It returns the SUMMARY
+// line; a failing verdict (exit 1) still returns the summary.
+func runSelf(ctx context.Context, self string, args []string, dsn string, stderr io.Writer) (benchSummary, error) {
 	cmd := exec.CommandContext(ctx, self, args...)
+	cmd.Env = append(os.Environ(), "DATABASE_URL="+dsn)
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, stderr
 	runErr := cmd.Run()
@@ -431,8 +435,30 @@ func runSelf(ctx context.Context, self string, args []string, stderr io.Writer) 
 	return sum, nil
 }
 
+// Bench mode empties the objects and callback_journal tables before each
+// load. It does so only on a database known to be a throwaway: the one
+// scripts/with-postgres started, which it names in throwawayEnv, or one the
+// user vouches for with truncateOKEnv=1. An exported DATABASE_URL that
+// names a production database is refused.
+const (
+	throwawayEnv  = "OBJTRACK_THROWAWAY_DB"
+	truncateOKEnv = "OBJTRACK_BENCH_MAY_TRUNCATE"
+)
+
+func mayEmptyTables(dsn string, getenv func(string) string) error {
+	if dsn != "" && getenv(throwawayEnv) == dsn || getenv(truncateOKEnv) == "1" {
+		return nil
+	}
+	return fmt.Errorf("refusing to empty the objects and callback_journal tables of %s: run it as make bench "+
+		"(scripts/with-postgres starts a throwaway PostgreSQL when DATABASE_URL is unset), or, if that database "+
+		"may lose its data, set %s=1", redactDSN(dsn), truncateOKEnv)
+}
+
 func resetTables(dsn string) error {
-	db, err := sql.Open("postgres", dsn)
+	if err := mayEmptyTables(dsn, os.Getenv); err != nil {
+		return err
+	}
+	db, err := openDB(dsn)
 	if err != nil {
 		return err
 	}

@@ -317,9 +317,9 @@ func runLoad(ctx, sendCtx context.Context, c config, objects *objectService, std
 
 	var p *poller
 	if c.dsn != "" {
-		db, err := sql.Open("postgres", c.dsn)
+		db, err := openDB(c.dsn)
 		if err != nil {
-			fmt.Fprintln(stderr, "sim: -dsn:", err)
+			fmt.Fprintln(stderr, "sim:", err)
 			return 2
 		}
 		defer db.Close()

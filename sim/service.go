@@ -32,8 +32,10 @@ func startService(bin, upstream, dsn string, extra ...string) (*serviceProc, err
 		return nil, err
 	}
 	s := &serviceProc{base: "http://" + addr}
-	args := append([]string{"-listen", addr, "-upstream", "http://" + upstream, "-dsn", dsn, "-log-level", "warn"}, extra...)
+	args := append([]string{"-listen", addr, "-upstream", "http://" + upstream, "-log-level", "warn"}, extra...)
 	s.cmd = exec.Command(bin, args...)
+	// In the environment, not the arguments, where ps would show the password.
+	s.cmd.Env = append(os.Environ(), "DATABASE_URL="+dsn)
 	s.cmd.Stdout, s.cmd.Stderr = &s.logs, &s.logs
 	if err := s.cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start the service: %w", err)
