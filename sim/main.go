@@ -81,6 +81,8 @@ type config struct {
 	refDuration time.Duration
 	uniqueRates []float64
 	dupRates    []float64
+	edges       bool
+	deadFor     time.Duration
 }
 
 // modes are the values of -mode.
@@ -103,8 +105,8 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 		"-unique-rates, each until one does not hold, then each kind at twice its\n"+
 		"highest rate that held), drive it with this program in run mode, then measure\n"+
 		"the ceiling at the service's peak fetch concurrency, and print two tables; it\n"+
-		"needs -dsn and reads only -service, -dsn, -duration, -ref-duration, -dup-rates\n"+
-		"and -unique-rates;\n"+
+		"needs -dsn and reads only -service, -dsn, -duration, -ref-duration, -dup-rates,\n"+
+		"-unique-rates, -edges and -dead-for;\n"+
 		"flood: hold -flood-conns idle keep-alive connections to the service")
 	fs.StringVar(&c.target, "target", "http://localhost:9090/callback", "the service's callback URL, or several separated by commas: callbacks go to them in turn\n(round robin, as a load balancer in front of several instances would send them)")
 	fs.StringVar(&c.listen, "listen", "localhost:9010", "address of the simulated object service (empty: do not serve it)")
@@ -154,6 +156,8 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.StringVar(&c.service, "service", "bin/objtrack", "bench mode: the service binary, started afresh for each load")
 	fs.DurationVar(&c.refDuration, "ref-duration", 60*time.Second, "bench mode: sending time of the reference load")
 	uniqueRates := fs.String("unique-rates", "10,20,25,30,35,40,50", "bench mode: callback rates to step through for the unique load, until one does not hold\n(one rate and short durations make a quick check: -unique-rates 10 -dup-rates 200 -duration 6s -ref-duration 5s)")
+	fs.BoolVar(&c.edges, "edges", true, "bench mode: after the overload rows, run the edge-case rows: flaky (25% 500s), dead (every answer 500 for\n-dead-for) and a retrying sender (see bench_edges.go)")
+	fs.DurationVar(&c.deadFor, "dead-for", 60*time.Second, "bench mode: how long the dead row's object service answers every request 500")
 	dupRates := fs.String("dup-rates", "200,2000,4000", "bench mode: callback rates to step through for the duplicate-heavy load, until one does not hold")
 	if err := fs.Parse(args); err != nil {
 		return c, err
@@ -195,7 +199,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 		return c, errors.New("-concurrency must be positive")
 	case c.poll <= 0 || c.timeout <= 0 || c.ttl <= 0:
 		return c, errors.New("-poll, -timeout and -ttl must be positive")
-	case c.retryFor < 0 || c.outageAfter < 0 || c.outageFor < 0:
+	case c.retryFor < 0 || c.outageAfter < 0 || c.outageFor < 0 || c.deadFor <= 0:
 		return c, errors.New("-retry-for, -outage-after and -outage-for must not be negative")
 	case c.killedTarget >= len(strings.Split(c.target, ",")):
 		return c, fmt.Errorf("-killed-target %d: -target has %d URLs", c.killedTarget, len(strings.Split(c.target, ",")))
@@ -399,7 +403,8 @@ func runLoad(ctx, sendCtx context.Context, c config, objects *objectService, std
 	}
 	notReaped := 0
 	if p != nil && c.checkExpiry && ctx.Err() == nil && !last.IsZero() {
-		wait := time.Until(last.Add(c.ttl + c.reapEvery + c.tol + 500*time.Millisecond))
+		// A retry's receipt may be as late as the last attempt.
+		wait := time.Until(s.lastAttemptAt().Add(c.ttl + c.reapEvery + c.tol + 500*time.Millisecond))
 		fmt.Fprintf(stderr, "sim: waiting %s for the reaper to empty the table\n", wait.Round(time.Second))
 		select {
 		case <-time.After(wait):
@@ -515,8 +520,9 @@ func report(c config, s *sender, objects *objectService, p *poller, check *check
 		"shed":                s.shedN.Load(), "timed_out": s.timedOutN.Load(), "first_accepted": s.firstAcceptedN.Load(),
 		"attempts": s.attemptsN.Load(), "attempts_accepted": s.attemptsOKN.Load(), "attempts_shed": s.attemptsShedN.Load(),
 		"attempts_timed_out": s.attemptsTimedOutN.Load(), "attempts_other": s.attemptsOtherN.Load(),
-		"retry_for_s": c.retryFor.Seconds(),
-		"ack_p50_ms":  ms(p50), "ack_p99_ms": ms(p99), "ack_max_ms": ms(maxAck),
+		"attempts_refused": s.attemptsRefusedN.Load(),
+		"retry_for_s":      c.retryFor.Seconds(),
+		"ack_p50_ms":       ms(p50), "ack_p99_ms": ms(p99), "ack_max_ms": ms(maxAck),
 		"ids_sent": s.idsN.Load(), "upstream_requests": reqs,
 		"upstream_per_id": ratio(float64(reqs), float64(s.idsN.Load())),
 		// The service fetches only for the callbacks it accepts: past
@@ -558,9 +564,9 @@ func report(c config, s *sender, objects *objectService, p *poller, check *check
 		fmt.Fprintf(out, "; %d failed outside the kill window", failedOutside)
 	}
 	if c.retryFor > 0 {
-		fmt.Fprintf(out, "\nsim: retrying for %s: first attempts %d accepted, %d shed, %d timed out; all %d attempts: %d accepted, %d shed, %d timed out, %d other",
+		fmt.Fprintf(out, "\nsim: retrying for %s: first attempts %d accepted, %d shed, %d timed out; all %d attempts: %d accepted, %d shed, %d timed out, %d other (%d refused)",
 			c.retryFor, s.firstAcceptedN.Load(), s.shedN.Load(), s.timedOutN.Load(), s.attemptsN.Load(), s.attemptsOKN.Load(),
-			s.attemptsShedN.Load(), s.attemptsTimedOutN.Load(), s.attemptsOtherN.Load())
+			s.attemptsShedN.Load(), s.attemptsTimedOutN.Load(), s.attemptsOtherN.Load(), s.attemptsRefusedN.Load())
 	}
 	fmt.Fprintf(out, "\nsim: answer time p50 %s, p99 %s, max %s\n", p50.Round(time.Microsecond), p99.Round(time.Microsecond), maxAck.Round(time.Microsecond))
 	if c.listen != "" {

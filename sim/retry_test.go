@@ -24,6 +24,7 @@ type retrySummary struct {
 	AttemptsShed     int  `json:"attempts_shed"`
 	AttemptsTimedOut int  `json:"attempts_timed_out"`
 	AttemptsOther    int  `json:"attempts_other"`
+	AttemptsRefused  int  `json:"attempts_refused"`
 	Pass             bool `json:"pass"`
 }
 
@@ -147,7 +148,7 @@ func TestRetryingSenderNextTarget(t *testing.T) {
 	t.Cleanup(live.Close)
 	code, sum, log := runRetrying(t, dead.URL+","+live.URL, "-retry-for", "5s", "-count", "4", "-ids", "0")
 	// Callbacks 0 and 2 go first to the dead target, then to the live one.
-	want := retrySummary{Sent: 4, Accepted: 4, FirstAccepted: 2, Attempts: 6, AttemptsAccepted: 4, AttemptsOther: 2, Pass: true}
+	want := retrySummary{Sent: 4, Accepted: 4, FirstAccepted: 2, Attempts: 6, AttemptsAccepted: 4, AttemptsOther: 2, AttemptsRefused: 2, Pass: true}
 	if code != 0 || sum != want || n != 4 {
 		t.Fatalf("exit %d, summary %+v, live got %d; want 0, %+v and 4\n%s", code, sum, n, want, log)
 	}

@@ -52,6 +52,7 @@ type sender struct {
 	// Every attempt, first ones included: how many, and how they ended.
 	attemptsN, attemptsOKN, attemptsShedN atomic.Int64
 	attemptsTimedOutN, attemptsOtherN     atomic.Int64
+	attemptsRefusedN                      atomic.Int64 // of the other: no connection
 	lastAttempt                           atomic.Int64 // unix nanoseconds of the latest attempt's start
 
 	mu   sync.Mutex
@@ -194,6 +195,9 @@ func (s *sender) send(idx int, sendAt time.Time, body []byte, ids int) {
 			s.attemptsTimedOutN.Add(1)
 		default:
 			s.attemptsOtherN.Add(1)
+			if out == outRefused {
+				s.attemptsRefusedN.Add(1)
+			}
 		}
 		if attempt == 0 {
 			switch out {

@@ -24,16 +24,18 @@ type serviceProc struct {
 }
 
 // startService starts the service binary on a free port, asking the object
-// service at upstream (host:port) and storing in dsn, at log level warn,
-// with extra flags after those, and waits until /readyz answers 200.
+// service at upstream (host:port) and storing in dsn (passed as DATABASE_URL
+// in its environment, where ps does not show it), at log level warn, with
+// extra flags after those, and waits until /readyz answers 200.
 func startService(bin, upstream, dsn string, extra ...string) (*serviceProc, error) {
 	addr, err := freeAddr()
 	if err != nil {
 		return nil, err
 	}
 	s := &serviceProc{base: "http://" + addr}
-	args := append([]string{"-listen", addr, "-upstream", "http://" + upstream, "-dsn", dsn, "-log-level", "warn"}, extra...)
+	args := append([]string{"-listen", addr, "-upstream", "http://" + upstream, "-log-level", "warn"}, extra...)
 	s.cmd = exec.Command(bin, args...)
+	s.cmd.Env = append(os.Environ(), "DATABASE_URL="+dsn)
 	s.cmd.Stdout, s.cmd.Stderr = &s.logs, &s.logs
 	if err := s.cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start the service: %w", err)
