@@ -81,8 +81,9 @@ type config struct {
 	refDuration time.Duration
 	uniqueRates []float64
 	dupRates    []float64
-	edges       bool
-	deadFor     time.Duration
+	edges        bool
+	deadFor      time.Duration
+	edgeCapacity float64
 }
 
 // modes are the values of -mode.
@@ -106,7 +107,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 		"highest rate that held), drive it with this program in run mode, then measure\n"+
 		"the ceiling at the service's peak fetch concurrency, and print two tables; it\n"+
 		"needs -dsn and reads only -service, -dsn, -duration, -ref-duration, -dup-rates,\n"+
-		"-unique-rates, -edges and -dead-for;\n"+
+		"-unique-rates, -edges, -edge-capacity and -dead-for;\n"+
 		"flood: hold -flood-conns idle keep-alive connections to the service")
 	fs.StringVar(&c.target, "target", "http://localhost:9090/callback", "the service's callback URL, or several separated by commas: callbacks go to them in turn\n(round robin, as a load balancer in front of several instances would send them)")
 	fs.StringVar(&c.listen, "listen", "localhost:9010", "address of the simulated object service (empty: do not serve it)")
@@ -157,6 +158,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.DurationVar(&c.refDuration, "ref-duration", 60*time.Second, "bench mode: sending time of the reference load")
 	uniqueRates := fs.String("unique-rates", "10,20,25,30,35,40,50", "bench mode: callback rates to step through for the unique load, until one does not hold\n(one rate and short durations make a quick check: -unique-rates 10 -dup-rates 200 -duration 6s -ref-duration 5s)")
 	fs.BoolVar(&c.edges, "edges", true, "bench mode: after the overload rows, run the edge-case rows: flaky (25% 500s), dead (every answer 500 for\n-dead-for) and a retrying sender (see bench_edges.go)")
+	fs.Float64Var(&c.edgeCapacity, "edge-capacity", 0, "bench mode: the unique capacity (callbacks/s of 200 ids) the flaky and retrying rows scale from\n(0: the highest unique rate that held in this run)")
 	fs.DurationVar(&c.deadFor, "dead-for", 60*time.Second, "bench mode: how long the dead row's object service answers every request 500")
 	dupRates := fs.String("dup-rates", "200,2000,4000", "bench mode: callback rates to step through for the duplicate-heavy load, until one does not hold")
 	if err := fs.Parse(args); err != nil {
@@ -199,7 +201,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 		return c, errors.New("-concurrency must be positive")
 	case c.poll <= 0 || c.timeout <= 0 || c.ttl <= 0:
 		return c, errors.New("-poll, -timeout and -ttl must be positive")
-	case c.retryFor < 0 || c.outageAfter < 0 || c.outageFor < 0 || c.deadFor <= 0:
+	case c.retryFor < 0 || c.outageAfter < 0 || c.outageFor < 0 || c.deadFor <= 0 || c.edgeCapacity < 0:
 		return c, errors.New("-retry-for, -outage-after and -outage-for must not be negative")
 	case c.killedTarget >= len(strings.Split(c.target, ",")):
 		return c, fmt.Errorf("-killed-target %d: -target has %d URLs", c.killedTarget, len(strings.Split(c.target, ",")))

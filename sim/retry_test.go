@@ -2,6 +2,9 @@ package main
 
 import (
 	"bytes"
+	"database/sql"
+	"encoding/json"
+	"io"
 	"maps"
 	"net/http"
 	"net/http/httptest"
@@ -344,5 +347,76 @@ func TestCheckerLostExcusedInOutage(t *testing.T) {
 	}
 	if !strings.Contains(strings.Join(v.examples, "\n"), "id 4") {
 		t.Errorf("examples %v do not name id 4", v.examples)
+	}
+}
+
+// A callback accepted on a retry is received at the retry: the table row
+// with that time is right, neither lost nor a wrong time, though it lies
+// seconds after the first attempt.
+func TestRunRetriedCallbackLandsWithTheRetryTime(t *testing.T) {
+	dsn := testSchema(t)
+	db, err := sql.Open("postgres", dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	if _, err := db.Exec(`CREATE TABLE objects (id BIGINT PRIMARY KEY, last_seen TIMESTAMPTZ NOT NULL)`); err != nil {
+		t.Fatal(err)
+	}
+	// A service that sheds the first attempt for 3 s, then stores the
+	// online (even) ids with the retry's receipt time before answering.
+	h := &firstThen{first: func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Retry-After", "3")
+		w.WriteHeader(http.StatusServiceUnavailable)
+	}}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		var cb struct {
+			IDs []int64 `json:"object_ids"`
+		}
+		json.Unmarshal(body, &cb)
+		h.mu.Lock()
+		retry := len(h.seen[string(body)]) > 0
+		h.mu.Unlock()
+		if retry {
+			for _, id := range cb.IDs {
+				if id%2 == 0 {
+					if _, err := db.Exec(`INSERT INTO objects VALUES ($1, now())`, id); err != nil {
+						t.Error(err)
+					}
+				}
+			}
+		}
+		r.Body = io.NopCloser(bytes.NewReader(body))
+		h.ServeHTTP(w, r)
+	}))
+	t.Cleanup(srv.Close)
+	var out, errOut bytes.Buffer
+	code := run([]string{"-target", srv.URL, "-listen", "", "-dsn", dsn, "-unique", "-ids-min", "4", "-ids", "4",
+		"-rate", "20", "-count", "2", "-retry-for", "10s", "-settle", "5s", "-check-expiry=false", "-json", "-status-every", "0"}, &out, &errOut)
+	var sum struct {
+		Accepted, Lost int
+		TableErrors    int     `json:"table_errors"`
+		Catchup        float64 `json:"catchup_ms"`
+		Attempts       int     `json:"attempts"`
+	}
+	if err := parseSummary(out.Bytes(), &sum); err != nil {
+		t.Fatalf("summary %q: %v", out.String(), err)
+	}
+	if code != 0 || sum.Accepted != 2 || sum.Lost != 0 || sum.TableErrors != 0 || sum.Attempts != 4 || sum.Catchup < 0 {
+		t.Fatalf("exit %d, summary %+v; want a pass, 2 accepted on 4 attempts, nothing lost, no table error\n%s", code, sum, errOut.String())
+	}
+}
+
+// A callback accepted on a late retry is judged lost only a TTL after the
+// retry's answer, when its row (received at the retry) may have expired.
+func TestCheckerLostWaitsForTheRetry(t *testing.T) {
+	c := newChecker(30*sec, sec, sec, 21*sec, onlineFunc("even"), at(-10*sec))
+	c.answered(c.sent(at(0), []int64{2}), at(15*sec), true)
+	c.checkLost(at(31 * sec)) // a TTL after the first attempt: too early
+	c.observe(at(40*sec), []row{{2, at(14*sec + 900*time.Millisecond)}})
+	c.checkLost(at(46 * sec))
+	if v := c.verdict(); v.lostIDs != 0 || v.tableErrors != 0 {
+		t.Errorf("verdict %+v, want nothing lost and no table error", v)
 	}
 }
