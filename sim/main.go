@@ -77,10 +77,10 @@ type config struct {
 	ceilingTarget string
 	floodConns    int
 	// bench mode
-	service     string
-	refDuration time.Duration
-	uniqueRates []float64
-	dupRates    []float64
+	service      string
+	refDuration  time.Duration
+	uniqueRates  []float64
+	dupRates     []float64
 	edges        bool
 	deadFor      time.Duration
 	edgeCapacity float64
