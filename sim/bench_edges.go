@@ -173,6 +173,18 @@ func goroutinesBack(r benchResult, end time.Time) (time.Duration, bool) {
 	return -1, false
 }
 
+// goroutinesAt is the last go_goroutines sample no later than t (-1: none).
+func goroutinesAt(r benchResult, t time.Time) float64 {
+	v := -1.0
+	for _, s := range r.goroutines {
+		if s.at.After(t) {
+			break
+		}
+		v = s.value
+	}
+	return v
+}
+
 // edgeTargets judges an edge row (the dead row's RSS target is added by
 // edges, once the healthy figure is known).
 func edgeTargets(r benchResult) []target {
@@ -185,7 +197,7 @@ func edgeTargets(r benchResult) []target {
 	case "dead":
 		end := time.UnixMilli(e.LastSentMS)
 		back, ok := goroutinesBack(r, end)
-		backS := "never"
+		backS := fmt.Sprintf("never (%.0f at +%s)", goroutinesAt(r, end.Add(goroutinesBackWithin)), goroutinesBackWithin)
 		if back >= 0 {
 			backS = back.Round(100 * time.Millisecond).String()
 		}
