@@ -3,7 +3,6 @@ package main
 import (
 	"fmt"
 	"math/bits"
-	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -385,11 +384,12 @@ type refetch struct {
 	killHeld   int            // ids allowed another instance for the kill
 	over       int            // ids asked by more instances than allowed
 	overIDs    []int64        // a few of them
+	overWhy    []string       // for each of overIDs: who asked, where it was sent
 	maxPerID   int
 	foreignIDs int // ids asked that this run never sent
 }
 
-func (c *checker) refetch(counts map[int64]idCount, killAt time.Time) refetch {
+func (c *checker) refetch(counts map[int64]idCount, names []string, killAt time.Time) refetch {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	r := refetch{histogram: map[string]int{}}
@@ -423,11 +423,33 @@ func (c *checker) refetch(counts map[int64]idCount, killAt time.Time) refetch {
 		}
 		if n.askedByN() > allowed {
 			r.over++
-			if len(r.overIDs) < 10 {
-				r.overIDs = append(r.overIDs, id)
+			if len(r.overIDs) >= 10 {
+				continue
 			}
+			r.overIDs = append(r.overIDs, id)
+			var sentTo []int
+			for _, i := range st.cbs {
+				for t := range maxInstances {
+					if c.cbs[i].receivedBy&(1<<t) != 0 {
+						sentTo = append(sentTo, t)
+					}
+				}
+			}
+			r.overWhy = append(r.overWhy, fmt.Sprintf("id %d: asked %d times by instances %v; received by targets %v",
+				id, n.requests, labels(n.askedBy, names), sentTo))
 		}
 	}
-	slices.Sort(r.overIDs)
 	return r
+}
+
+// labels names the instances of an askedBy bitmask; names[bit] is the
+// label of an instance.
+func labels(askedBy uint64, names []string) []string {
+	var out []string
+	for b := range min(len(names), maxInstances) {
+		if askedBy&(1<<b) != 0 {
+			out = append(out, names[b])
+		}
+	}
+	return out
 }

@@ -504,7 +504,7 @@ func report(c config, s *sender, objects *objectService, p *poller, check *check
 	if c.killedTarget >= 0 {
 		failedOutside = int64(check.failedOutsideKill(killAt, backAt))
 	}
-	rf := check.refetch(objects.perID(), killAt)
+	rf := check.refetch(objects.perID(), objects.instanceNames(), killAt)
 	missed := failedOutside + int64(v.lostCbs)
 	pass := missed == 0 && v.tableErrors == 0 && notReaped == 0 && journalLeft == 0 && (p == nil || catchup >= 0) &&
 		(accepted > 0 || sent == 0) && (!c.checkRefetch || rf.over == 0)
@@ -576,6 +576,9 @@ func report(c config, s *sender, objects *objectService, p *poller, check *check
 			reqs, sum["upstream_per_id"], sum["upstream_per_sec"], objects.faulted.Load(), objects.outaged.Load(), objects.abandoned.Load())
 		fmt.Fprintf(out, "sim: object service per id: %d ids asked more than once (at most %d times), %d by more than one instance, %d allowed another instance for the kill, %d asked by more instances than allowed %v\n",
 			rf.refetched, rf.maxPerID, rf.multi, rf.killHeld, rf.over, rf.overIDs)
+		for _, why := range rf.overWhy {
+			fmt.Fprintln(out, "sim:   ", why)
+		}
 	}
 	if p != nil {
 		catch := "never within -settle"

@@ -99,6 +99,20 @@ func (o *objectService) count(id int64, instance string, retryable bool) {
 	}
 }
 
+// instanceNames returns the instance labels, indexed by their askedBy bit
+// (the unnamed instance, asking under /objects/ directly, is "").
+func (o *objectService) instanceNames() []string {
+	o.idMu.Lock()
+	defer o.idMu.Unlock()
+	names := make([]string, maxInstances)
+	for name, bit := range o.instances {
+		if names[bit] == "" {
+			names[bit] = name
+		}
+	}
+	return names
+}
+
 // perID returns a copy of the per-id counts.
 func (o *objectService) perID() map[int64]idCount {
 	o.idMu.Lock()

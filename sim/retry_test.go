@@ -285,7 +285,7 @@ func TestCheckerRefetch(t *testing.T) {
 				k = killAt
 			}
 			// Many requests per instance are the instance's own business.
-			r := c.refetch(map[int64]idCount{8: {requests: 5, askedBy: tc.askedBy}, 99: {requests: 1, askedBy: 1}}, k)
+			r := c.refetch(map[int64]idCount{8: {requests: 5, askedBy: tc.askedBy}, 99: {requests: 1, askedBy: 1}}, []string{"a", "b", "c"}, k)
 			if r.over != tc.wantOver || r.killHeld != tc.wantHeld || r.foreignIDs != 1 {
 				t.Errorf("refetch %+v, want %d over, %d held for the kill, 1 foreign id", r, tc.wantOver, tc.wantHeld)
 			}
@@ -303,7 +303,8 @@ func TestCheckerRefetchRefusedAttempt(t *testing.T) {
 	c.attempt(idx, 0, at(0), false)
 	c.attempt(idx, 1, at(sec), true)
 	c.answered(idx, at(sec), true)
-	if r := c.refetch(map[int64]idCount{8: {requests: 2, askedBy: 0b11}}, time.Time{}); r.over != 1 {
+	r := c.refetch(map[int64]idCount{8: {requests: 2, askedBy: 0b11}}, []string{"a", "b"}, time.Time{})
+	if r.over != 1 || len(r.overWhy) != 1 || r.overWhy[0] != "id 8: asked 2 times by instances [a b]; received by targets [1]" {
 		t.Errorf("refetch %+v, want the id over: only one target received it", r)
 	}
 }
