@@ -52,6 +52,11 @@ type benchLoad struct {
 	// heldRate is set on overload rows only: the highest rate of the same
 	// kind that held, which the overload targets are measured against.
 	heldRate float64
+	// edge is set on the edge-case rows (bench_edges.go), judged by their
+	// own targets; sampleAfter keeps the service up and sampled this long
+	// after the last callback.
+	edge        string
+	sampleAfter time.Duration
 }
 
 func (l benchLoad) overload() bool { return l.heldRate > 0 }
@@ -88,6 +93,7 @@ type benchSummary struct {
 	Lost                  int     `json:"lost"` // online ids of accepted callbacks that never reached the table
 	Pass                  bool    `json:"pass"`
 	Duration              float64 `json:"duration_s"`
+	edgeSummary
 	// ceiling mode
 	RequestsPerSec float64 `json:"requests_per_sec"`
 	Errors         int     `json:"errors"`
@@ -103,7 +109,18 @@ type benchResult struct {
 	peakFlight int64
 	held       bool
 	note       string
-	targets    []target // overload rows only, instead of held and note
+	targets    []target // overload and edge rows only, instead of held and note
+	// For the edge rows: go_goroutines before the load and during it, and
+	// the WARN lines saying the object service is not answering.
+	idleGoroutines float64
+	goroutines     []sample
+	notAnswering   int
+}
+
+// sample is one reading of a gauge.
+type sample struct {
+	at    time.Time
+	value float64
 }
 
 // target is one overload target and whether the row met it.
@@ -269,13 +286,18 @@ func bench(ctx context.Context, c config, stdout, stderr io.Writer) error {
 			return fmt.Errorf("ceiling: %w", err)
 		}
 	}
+	edgeSkipped, err := b.edges(ctx, bestUnique)
+	if err != nil {
+		return err
+	}
 	printBenchTable(stdout, b.results, bestDup, bestUnique, ceiling)
 	printOverloadTable(stdout, b.results, skipped)
+	printEdgeTable(stdout, b.results, edgeSkipped)
 	return nil
 }
 
 func (r benchResult) verdict() string {
-	if r.overload() {
+	if r.overload() || r.edge != "" {
 		return "targets: " + targetsString(r.targets)
 	}
 	if r.held {
@@ -298,10 +320,17 @@ func measure(ctx context.Context, c config, self string, l benchLoad, stderr io.
 	if err != nil {
 		return res, err
 	}
-	defer svc.stop()
+	stopped := false
+	defer func() {
+		if !stopped {
+			svc.stop()
+		}
+	}()
 	pid := svc.cmd.Process.Pid
 	cpu0 := cpuSeconds(pid)
-	fetches0 := scrape(svc.base).sum(metricFetches)
+	m0 := scrape(svc.base)
+	fetches0 := m0.sum(metricFetches)
+	res.idleGoroutines = m0[metricGoroutines]
 
 	// Sample /metrics while the load runs: peak fetches in flight, and the
 	// fetch count a few seconds in and at the end of sending, for a
@@ -328,6 +357,9 @@ func measure(ctx context.Context, c config, self string, l benchLoad, stderr io.
 			mu.Lock()
 			res.peakFlight = max(res.peakFlight, int64(m[metricFetchesInFlight]))
 			points = append(points, point{time.Now(), m.sum(metricFetches)})
+			if g, ok := m[metricGoroutines]; ok {
+				res.goroutines = append(res.goroutines, sample{time.Now(), g})
+			}
 			mu.Unlock()
 		}
 	}()
@@ -335,7 +367,10 @@ func measure(ctx context.Context, c config, self string, l benchLoad, stderr io.
 	args := append([]string{"-target", svc.base + "/callback", "-listen", simAddr,
 		"-json", "-check-expiry=false", "-settle", "20s"}, l.args...)
 	start := time.Now()
-	sum, err := runSelf(ctx, self, args, c.dsn, stderr)
+	sum, err := runSelfEnv(ctx, self, args, []string{"DATABASE_URL=" + c.dsn}, stderr)
+	if err == nil && l.sampleAfter > 0 {
+		holdAfterLoad(ctx, sum, l.sampleAfter)
+	}
 	// Wait for the sampler (at most one scrape, 2 s) so that it no longer
 	// writes res.peakFlight.
 	stopSampling()
@@ -350,6 +385,9 @@ func measure(ctx context.Context, c config, self string, l benchLoad, stderr io.
 		res.cpuPer1000 = cpu / fetches * 1000
 	}
 	res.peakRSSMiB = peakRSSMiB(pid)
+	svc.stop()
+	stopped = true
+	res.notAnswering = strings.Count(svc.logs.String(), notAnsweringWarn)
 
 	mu.Lock()
 	sendEnd := start.Add(time.Duration(sum.Duration * float64(time.Second)))
@@ -369,6 +407,10 @@ func measure(ctx context.Context, c config, self string, l benchLoad, stderr io.
 	}
 	mu.Unlock()
 
+	if l.edge != "" {
+		res.targets = edgeTargets(res)
+		return res, nil
+	}
 	// An overload row sheds by design: the run-mode verdict (FAIL on any
 	// callback without a 2xx) does not apply to it, its targets do.
 	if l.overload() {
@@ -416,15 +458,19 @@ func measureCeiling(ctx context.Context, self string, concurrency int64, stderr 
 		return benchSummary{}, fmt.Errorf("object service did not come up: %w", err)
 	}
 	return runSelf(ctx, self, []string{"-mode", "ceiling", "-ceiling-target", "http://" + addr,
-		"-concurrency", fmt.Sprint(concurrency), "-duration", "20s", "-json"}, "", stderr)
+		"-concurrency", fmt.Sprint(concurrency), "-duration", "20s", "-json"}, stderr)
 }
 
-// runSelf runs this program with args, and dsn in DATABASE_URL rather than
-// in its arguments, where ps would show the password. It returns the SUMMARY
-// line; a failing verdict (exit 1) still returns the summary.
-func runSelf(ctx context.Context, self string, args []string, dsn string, stderr io.Writer) (benchSummary, error) {
+// runSelf runs this program with args and returns its SUMMARY line; a
+// failing verdict (exit 1) still returns the summary.
+func runSelf(ctx context.Context, self string, args []string, stderr io.Writer) (benchSummary, error) {
+	return runSelfEnv(ctx, self, args, nil, stderr)
+}
+
+// runSelfEnv is runSelf with env added to this program's environment.
+func runSelfEnv(ctx context.Context, self string, args, env []string, stderr io.Writer) (benchSummary, error) {
 	cmd := exec.CommandContext(ctx, self, args...)
-	cmd.Env = append(os.Environ(), "DATABASE_URL="+dsn)
+	cmd.Env = append(os.Environ(), env...)
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, stderr
 	runErr := cmd.Run()
@@ -480,7 +526,7 @@ func printBenchTable(w io.Writer, results []benchResult, bestDup, bestUnique *be
 	fmt.Fprintf(w, "\n%-18s %6s %6s %6s %6s %24s %9s %9s %9s %9s %9s %6s\n", "load", "sent", "missed", "shed", "t/o",
 		"ack p50/p99/max ms", "catch-up", "req/id", "req/s", "fetch/s", "RSS MiB", "cpu/1k")
 	for _, r := range results {
-		if r.overload() {
+		if r.overload() || r.edge != "" {
 			continue
 		}
 		catchup := "never"

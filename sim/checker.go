@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"math/bits"
 	"sort"
 	"strings"
 	"sync"
@@ -15,6 +16,14 @@ import (
 type checker struct {
 	ttl, reapEvery, tol, timeout time.Duration
 	online                       func(id int64) bool
+	// killedTarget is the index of the target a drill kills (-1: none);
+	// attempts to it are recorded for the kill allowances.
+	killedTarget int
+	// lostExcusedBefore: an accepted callback whose receipt + TTL came
+	// before it is not counted lost but lostExcused (zero: none). Set when
+	// the object service fails everything for a while: work whose TTL ran
+	// out during the outage cannot land.
+	lostExcusedBefore time.Time
 
 	mu       sync.Mutex
 	runStart time.Time
@@ -30,6 +39,9 @@ type checker struct {
 	examples []string
 	lostIDs  int
 	lostCbs  int
+	// lostExcused counts the online ids that did not land but whose TTL
+	// ran out before lostExcusedBefore.
+	lostExcused int
 }
 
 type cbState int
@@ -48,6 +60,12 @@ type cbRecord struct {
 	ids   []int64 // deduplicated
 	state cbState
 	lost  bool
+	// receivedBy has a bit for each target that may have received an
+	// attempt (all but refused connections): each may fetch the ids.
+	receivedBy uint64
+	// firstKilled and lastKilled are the starts of the first and last
+	// attempts to the killed target (zero: none).
+	firstKilled, lastKilled time.Time
 }
 
 type idState struct {
@@ -77,10 +95,11 @@ type row struct {
 func newChecker(ttl, reapEvery, tol, timeout time.Duration, online func(int64) bool, runStart time.Time) *checker {
 	return &checker{
 		ttl: ttl, reapEvery: reapEvery, tol: tol, timeout: timeout, online: online,
-		runStart: runStart,
-		ids:      map[int64]*idState{},
-		errCount: map[string]int{},
-		errSeen:  map[errKey]bool{},
+		runStart:     runStart,
+		killedTarget: -1,
+		ids:          map[int64]*idState{},
+		errCount:     map[string]int{},
+		errSeen:      map[errKey]bool{},
 	}
 }
 
@@ -105,6 +124,24 @@ func (c *checker) sent(at time.Time, ids []int64) int {
 		st.cbs = append(st.cbs, int32(idx))
 	}
 	return idx
+}
+
+// attempt records one attempt to send callback idx: to which target, when
+// it started, and whether the service may have received it (a refused
+// connection cannot have been).
+func (c *checker) attempt(idx, target int, start time.Time, received bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	cb := c.cbs[idx]
+	if received {
+		cb.receivedBy |= 1 << min(target, maxInstances-1)
+	}
+	if target == c.killedTarget {
+		if cb.firstKilled.IsZero() {
+			cb.firstKilled = start
+		}
+		cb.lastKilled = start
+	}
 }
 
 // answered records the sender's outcome for callback idx.
@@ -220,7 +257,8 @@ func (c *checker) checkLost(upTo time.Time) {
 	defer c.mu.Unlock()
 	for c.nextLost < len(c.cbs) {
 		cb := c.cbs[c.nextLost]
-		if cb.sendAt.Add(c.ttl).After(upTo) {
+		// The receipt may be as late as the answer (a retry's).
+		if cb.endAt.Add(c.ttl).After(upTo) {
 			return
 		}
 		c.lostCheck(cb)
@@ -241,11 +279,16 @@ func (c *checker) lostCheck(cb *cbRecord) {
 	if cb.state != cbAccepted {
 		return
 	}
+	excused := !c.lostExcusedBefore.IsZero() && cb.endAt.Add(c.ttl).Before(c.lostExcusedBefore)
 	for _, id := range cb.ids {
 		if !c.online(id) {
 			continue
 		}
 		if c.ids[id].maxSeen.Before(cb.sendAt.Add(-c.tol)) {
+			if excused {
+				c.lostExcused++
+				continue
+			}
 			c.lostIDs++
 			if !cb.lost {
 				cb.lost = true
@@ -277,13 +320,14 @@ type verdict struct {
 	byKind      string
 	lostIDs     int
 	lostCbs     int
+	lostExcused int
 	examples    []string
 }
 
 func (c *checker) verdict() verdict {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	v := verdict{lostIDs: c.lostIDs, lostCbs: c.lostCbs, examples: append([]string(nil), c.examples...)}
+	v := verdict{lostIDs: c.lostIDs, lostCbs: c.lostCbs, lostExcused: c.lostExcused, examples: append([]string(nil), c.examples...)}
 	var kinds []string
 	for k, n := range c.errCount {
 		v.tableErrors += n
@@ -302,3 +346,110 @@ func (c *checker) idRange() (lo, hi int64, ok bool) {
 }
 
 func stamp(t time.Time) string { return t.Format("15:04:05.000000") }
+
+// failedOutsideKill counts the callbacks without a 2xx that the kill does
+// not explain: one is explained when an attempt of it went to the killed
+// target from a timeout before the kill (killAt) until the instance was
+// back (backAt; zero: never). Without a kill every failure counts.
+func (c *checker) failedOutsideKill(killAt, backAt time.Time) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := 0
+	for _, cb := range c.cbs {
+		if cb.state == cbAccepted {
+			continue
+		}
+		inWindow := !killAt.IsZero() && !cb.lastKilled.IsZero() && !cb.lastKilled.Before(killAt.Add(-c.timeout)) &&
+			(backAt.IsZero() || !cb.firstKilled.After(backAt))
+		if !inWindow {
+			n++
+		}
+	}
+	return n
+}
+
+// refetch judges the object service's requests per id against what a
+// correct fleet may ask. How often one instance asks is its own business
+// (retries after faults or timeouts); but an id may be asked by only as
+// many instances as received a callback carrying it, plus one when the
+// killed instance held such a callback at the kill (an attempt to it
+// before killAt, sent within the TTL before it: its journal row is taken
+// over by another instance). More is a double claim. Instances are told
+// apart by the object-service path they ask (see idCount); without it all
+// requests count as one instance's.
+type refetch struct {
+	histogram  map[string]int // requests per id -> ids
+	refetched  int            // ids asked more than once
+	multi      int            // ids asked by more than one instance
+	killHeld   int            // ids allowed another instance for the kill
+	over       int            // ids asked by more instances than allowed
+	overIDs    []int64        // a few of them
+	overWhy    []string       // for each of overIDs: who asked, where it was sent
+	maxPerID   int
+	foreignIDs int // ids asked that this run never sent
+}
+
+func (c *checker) refetch(counts map[int64]idCount, names []string, killAt time.Time) refetch {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	r := refetch{histogram: map[string]int{}}
+	for id, n := range counts {
+		r.histogram[fmt.Sprint(n.requests)]++
+		r.maxPerID = max(r.maxPerID, int(n.requests))
+		if n.requests > 1 {
+			r.refetched++
+		}
+		if n.askedByN() > 1 {
+			r.multi++
+		}
+		st := c.ids[id]
+		if st == nil {
+			r.foreignIDs++
+			continue
+		}
+		var targets uint64
+		held := false
+		for _, i := range st.cbs {
+			cb := c.cbs[i]
+			targets |= cb.receivedBy
+			if !killAt.IsZero() && !cb.firstKilled.IsZero() && cb.firstKilled.Before(killAt) && !cb.sendAt.Before(killAt.Add(-c.ttl)) {
+				held = true
+			}
+		}
+		allowed := bits.OnesCount64(targets)
+		if held {
+			allowed++
+			r.killHeld++
+		}
+		if n.askedByN() > allowed {
+			r.over++
+			if len(r.overIDs) >= 10 {
+				continue
+			}
+			r.overIDs = append(r.overIDs, id)
+			var sentTo []int
+			for _, i := range st.cbs {
+				for t := range maxInstances {
+					if c.cbs[i].receivedBy&(1<<t) != 0 {
+						sentTo = append(sentTo, t)
+					}
+				}
+			}
+			r.overWhy = append(r.overWhy, fmt.Sprintf("id %d: asked %d times by instances %v; received by targets %v",
+				id, n.requests, labels(n.askedBy, names), sentTo))
+		}
+	}
+	return r
+}
+
+// labels names the instances of an askedBy bitmask; names[bit] is the
+// label of an instance.
+func labels(askedBy uint64, names []string) []string {
+	var out []string
+	for b := range min(len(names), maxInstances) {
+		if askedBy&(1<<b) != 0 {
+			out = append(out, names[b])
+		}
+	}
+	return out
+}

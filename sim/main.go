@@ -65,6 +65,11 @@ type config struct {
 	settle        time.Duration
 	checkExpiry   bool
 	checkJournal  bool
+	checkRefetch  bool
+	killedTarget  int
+	retryFor      time.Duration
+	outageAfter   time.Duration
+	outageFor     time.Duration
 	faults        faults
 	statusEvery   time.Duration
 	json          bool
@@ -72,10 +77,13 @@ type config struct {
 	ceilingTarget string
 	floodConns    int
 	// bench mode
-	service     string
-	refDuration time.Duration
-	uniqueRates []float64
-	dupRates    []float64
+	service      string
+	refDuration  time.Duration
+	uniqueRates  []float64
+	dupRates     []float64
+	edges        bool
+	deadFor      time.Duration
+	edgeCapacity float64
 }
 
 // modes are the values of -mode.
@@ -98,8 +106,8 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 		"-unique-rates, each until one does not hold, then each kind at twice its\n"+
 		"highest rate that held), drive it with this program in run mode, then measure\n"+
 		"the ceiling at the service's peak fetch concurrency, and print two tables; it\n"+
-		"needs -dsn and reads only -service, -dsn, -duration, -ref-duration, -dup-rates\n"+
-		"and -unique-rates;\n"+
+		"needs -dsn and reads only -service, -dsn, -duration, -ref-duration, -dup-rates,\n"+
+		"-unique-rates, -edges, -edge-capacity and -dead-for;\n"+
 		"flood: hold -flood-conns idle keep-alive connections to the service")
 	fs.StringVar(&c.target, "target", "http://localhost:9090/callback", "the service's callback URL, or several separated by commas: callbacks go to them in turn\n(round robin, as a load balancer in front of several instances would send them)")
 	fs.StringVar(&c.listen, "listen", "localhost:9010", "address of the simulated object service (empty: do not serve it)")
@@ -124,6 +132,18 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.DurationVar(&c.settle, "settle", 30*time.Second, "after the last callback, how long the table may take to become exact")
 	fs.BoolVar(&c.checkExpiry, "check-expiry", true, "after the run, wait out the TTL and check that every row of the run was reaped")
 	fs.BoolVar(&c.checkJournal, "check-journal", false, "after the table is exact, wait (within -settle) for the service's journal table to be empty, and fail\nif it is not: every accepted callback was finished, none left behind (it counts all rows, so\nonly this run may send to the services on that database)")
+	fs.BoolVar(&c.checkRefetch, "check-refetch", false, "fail if an id was asked by more service instances than received a callback carrying it, plus one\n"+
+		"if the instance of -killed-target held it at the kill: a double claim. Give each instance its own\n"+
+		"-upstream http://HOST:PORT/i/LABEL so the object service tells them apart (per-id counts are in the\n"+
+		"SUMMARY either way)")
+	fs.IntVar(&c.killedTarget, "killed-target", -1, "index in -target of the instance a drill kills: SIGUSR1 to this program marks the kill, SIGUSR2\n"+
+		"that the instance listens again; callbacks to it in between may fail, and ids it held may be fetched twice")
+	fs.DurationVar(&c.retryFor, "retry-for", 0, "retry a callback without a 2xx, as webhook senders do, until this long after its first attempt:\n"+
+		"after Retry-After for a 503, with backoff and jitter after an error or a timeout, each time on the next\n"+
+		"target; a 4xx is not retried (0: one attempt, an open loop like the reference tester)")
+	fs.DurationVar(&c.outageAfter, "outage-after", 0, "with -outage-for: when the object service's outage starts, after it starts serving")
+	fs.DurationVar(&c.outageFor, "outage-for", 0, "how long the object service answers every request 500 at once (0: no outage); accepted callbacks\n"+
+		"whose receipt + TTL comes before its end + -latency-max cannot land and are counted apart, not lost")
 	fs.Float64Var(&c.faults.status500, "fault-500", 0, "fraction of object-service answers that are 500")
 	fs.Float64Var(&c.faults.garbage, "fault-garbage", 0, "fraction of object-service answers that are invalid JSON")
 	fs.Float64Var(&c.faults.wrongID, "fault-wrong-id", 0, "fraction of object-service answers that name another id")
@@ -137,6 +157,9 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.StringVar(&c.service, "service", "bin/objtrack", "bench mode: the service binary, started afresh for each load")
 	fs.DurationVar(&c.refDuration, "ref-duration", 60*time.Second, "bench mode: sending time of the reference load")
 	uniqueRates := fs.String("unique-rates", "10,20,25,30,35,40,50", "bench mode: callback rates to step through for the unique load, until one does not hold\n(one rate and short durations make a quick check: -unique-rates 10 -dup-rates 200 -duration 6s -ref-duration 5s)")
+	fs.BoolVar(&c.edges, "edges", true, "bench mode: after the overload rows, run the edge-case rows: flaky (25% 500s), dead (every answer 500 for\n-dead-for) and a retrying sender (see bench_edges.go)")
+	fs.Float64Var(&c.edgeCapacity, "edge-capacity", 0, "bench mode: the unique capacity (callbacks/s of 200 ids) the flaky and retrying rows scale from\n(0: the highest unique rate that held in this run)")
+	fs.DurationVar(&c.deadFor, "dead-for", 60*time.Second, "bench mode: how long the dead row's object service answers every request 500")
 	dupRates := fs.String("dup-rates", "200,2000,4000", "bench mode: callback rates to step through for the duplicate-heavy load, until one does not hold")
 	if err := fs.Parse(args); err != nil {
 		return c, err
@@ -178,6 +201,10 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 		return c, errors.New("-concurrency must be positive")
 	case c.poll <= 0 || c.timeout <= 0 || c.ttl <= 0:
 		return c, errors.New("-poll, -timeout and -ttl must be positive")
+	case c.retryFor < 0 || c.outageAfter < 0 || c.outageFor < 0 || c.deadFor <= 0 || c.edgeCapacity < 0:
+		return c, errors.New("-retry-for, -outage-after and -outage-for must not be negative")
+	case c.killedTarget >= len(strings.Split(c.target, ",")):
+		return c, fmt.Errorf("-killed-target %d: -target has %d URLs", c.killedTarget, len(strings.Split(c.target, ",")))
 	}
 	if onlineFunc(c.online) == nil {
 		return c, fmt.Errorf("-online %q: want even, odd, all or none", c.online)
@@ -250,7 +277,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		cancel()
 	}()
 
-	objects := &objectService{latencyMin: c.latencyMin, latencyMax: c.latencyMax, online: onlineFunc(c.online), faults: c.faults}
+	objects := &objectService{latencyMin: c.latencyMin, latencyMax: c.latencyMax, online: onlineFunc(c.online), faults: c.faults,
+		outageAfter: c.outageAfter, outageFor: c.outageFor}
 	switch c.mode {
 	case "upstream":
 		addr, err := serveObjects(ctx, c.listen, objects)
@@ -260,7 +288,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		}
 		fmt.Fprintf(stderr, "sim: object service on http://%s; Ctrl-C to stop\n", addr)
 		<-sendCtx.Done()
-		fmt.Fprintf(stderr, "sim: served %d requests (%d with injected faults)\n", objects.requests.Load(), objects.faulted.Load())
+		fmt.Fprintf(stderr, "sim: served %d requests (%d with injected faults, %d in the outage)\n", objects.requests.Load(), objects.faulted.Load(), objects.outaged.Load())
 		return 0
 	case "flood":
 		return runFlood(sendCtx, c, stdout, stderr)
@@ -308,10 +336,21 @@ func runLoad(ctx, sendCtx context.Context, c config, objects *objectService, std
 		fmt.Fprintf(stderr, "sim: object service on http://%s (latency %s-%s, online: %s)\n", addr, c.latencyMin, c.latencyMax, c.online)
 	}
 	runStart := time.Now()
-	check := newChecker(c.ttl, c.reapEvery, c.tol, c.timeout, onlineFunc(c.online), runStart)
+	// A callback's receipt lies anywhere from its first attempt to the
+	// answer of its last.
+	check := newChecker(c.ttl, c.reapEvery, c.tol, c.timeout+c.retryFor, onlineFunc(c.online), runStart)
+	check.killedTarget = c.killedTarget
+	if _, to := objects.outageWindow(); !to.IsZero() {
+		// A lookup that starts when the object service is back still
+		// needs up to -latency-max to be answered.
+		check.lostExcusedBefore = to.Add(c.latencyMax)
+		from, _ := objects.outageWindow()
+		fmt.Fprintf(stderr, "sim: object service outage (every answer 500) from %s to %s\n", from.Format("15:04:05"), to.Format("15:04:05"))
+	}
+	kill := watchKill(ctx)
 	s := newSender(strings.Split(c.target, ","), c.timeout)
 	s.rate, s.idsMin, s.idsMax, s.idSpace, s.unique = c.rate, c.idsMin, c.idsMax, c.idSpace, c.unique
-	s.duration, s.count, s.check = c.duration, c.count, check
+	s.duration, s.count, s.check, s.retryFor = c.duration, c.count, check, c.retryFor
 	// A base far above any id space a person would type, distinct per run.
 	s.nextUnique = runStart.UnixMilli() * 1000
 
@@ -352,7 +391,8 @@ func runLoad(ctx, sendCtx context.Context, c config, objects *objectService, std
 	first, last := s.run(sendCtx)
 	settled := time.Now().Add(c.settle)
 	if p != nil {
-		p.sendingDone(last)
+		// With retries the last callback is the last attempt.
+		p.sendingDone(s.lastAttemptAt())
 		select {
 		case <-p.exact:
 		case <-time.After(time.Until(settled)):
@@ -365,7 +405,8 @@ func runLoad(ctx, sendCtx context.Context, c config, objects *objectService, std
 	}
 	notReaped := 0
 	if p != nil && c.checkExpiry && ctx.Err() == nil && !last.IsZero() {
-		wait := time.Until(last.Add(c.ttl + c.reapEvery + c.tol + 500*time.Millisecond))
+		// A retry's receipt may be as late as the last attempt.
+		wait := time.Until(s.lastAttemptAt().Add(c.ttl + c.reapEvery + c.tol + 500*time.Millisecond))
 		fmt.Fprintf(stderr, "sim: waiting %s for the reaper to empty the table\n", wait.Round(time.Second))
 		select {
 		case <-time.After(wait):
@@ -384,7 +425,47 @@ func runLoad(ctx, sendCtx context.Context, c config, objects *objectService, std
 		p.stop()
 		check.finish()
 	}
-	return report(c, s, objects, p, check, first, last, notReaped, journalLeft, stdout, stderr)
+	return report(c, s, objects, p, check, kill, first, last, notReaped, journalLeft, stdout, stderr)
+}
+
+// killMarks are the times a drill marked with signals: SIGUSR1 when it
+// killed the instance of -killed-target, SIGUSR2 when that instance
+// listened again.
+type killMarks struct {
+	mu           sync.Mutex
+	killAt, back time.Time
+}
+
+func (k *killMarks) times() (killAt, back time.Time) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.killAt, k.back
+}
+
+// watchKill records the drill's kill marks until ctx ends. It is set up in
+// every run, so that a mark never ends the process (SIGUSR1's default).
+func watchKill(ctx context.Context) *killMarks {
+	k := &killMarks{}
+	ch := make(chan os.Signal, 4)
+	signal.Notify(ch, syscall.SIGUSR1, syscall.SIGUSR2)
+	go func() {
+		defer signal.Stop(ch)
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case sig := <-ch:
+				k.mu.Lock()
+				if sig == syscall.SIGUSR1 && k.killAt.IsZero() {
+					k.killAt = time.Now()
+				} else if sig == syscall.SIGUSR2 && !k.killAt.IsZero() && k.back.IsZero() {
+					k.back = time.Now()
+				}
+				k.mu.Unlock()
+			}
+		}
+	}()
+	return k
 }
 
 func status(w io.Writer, c config, s *sender, objects *objectService, p *poller, check *checker) {
@@ -400,7 +481,7 @@ func status(w io.Writer, c config, s *sender, objects *objectService, p *poller,
 	fmt.Fprintln(w, line)
 }
 
-func report(c config, s *sender, objects *objectService, p *poller, check *checker, first, last time.Time, notReaped, journalLeft int, stdout, stderr io.Writer) int {
+func report(c config, s *sender, objects *objectService, p *poller, check *checker, kill *killMarks, first, last time.Time, notReaped, journalLeft int, stdout, stderr io.Writer) int {
 	v := check.verdict()
 	p50, p99, maxAck := s.ackPercentiles()
 	sent, accepted, failed := s.sentN.Load(), s.acceptedN.Load(), s.failedN.Load()
@@ -409,21 +490,41 @@ func report(c config, s *sender, objects *objectService, p *poller, check *check
 		span = time.Duration(float64(time.Second) / c.rate)
 	}
 	reqs := objects.requests.Load()
+	lastAttempt := s.lastAttemptAt()
 	catchup := -1.0
 	pollFailures := int64(0)
 	if p != nil {
 		if at := p.exactAt(); !at.IsZero() {
-			catchup = float64(at.Sub(last).Microseconds()) / 1000
+			catchup = float64(at.Sub(lastAttempt).Microseconds()) / 1000
 		}
 		pollFailures = p.failures.Load()
 	}
-	missed := failed + int64(v.lostCbs)
-	pass := missed == 0 && v.tableErrors == 0 && notReaped == 0 && journalLeft == 0 && (p == nil || catchup >= 0)
+	killAt, backAt := kill.times()
+	failedOutside := failed
+	if c.killedTarget >= 0 {
+		failedOutside = int64(check.failedOutsideKill(killAt, backAt))
+	}
+	rf := check.refetch(objects.perID(), objects.instanceNames(), killAt)
+	missed := failedOutside + int64(v.lostCbs)
+	pass := missed == 0 && v.tableErrors == 0 && notReaped == 0 && journalLeft == 0 && (p == nil || catchup >= 0) &&
+		(accepted > 0 || sent == 0) && (!c.checkRefetch || rf.over == 0)
 	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+	unixMS := func(t time.Time) int64 {
+		if t.IsZero() {
+			return 0
+		}
+		return t.UnixMilli()
+	}
+	outFrom, outTo := objects.outageWindow()
 	sum := map[string]any{
 		"sent": sent, "accepted": accepted, "failed": failed, "missed": missed,
-		"shed": s.shedN.Load(), "timed_out": s.timedOutN.Load(),
-		"ack_p50_ms": ms(p50), "ack_p99_ms": ms(p99), "ack_max_ms": ms(maxAck),
+		"failed_outside_kill": failedOutside,
+		"shed":                s.shedN.Load(), "timed_out": s.timedOutN.Load(), "first_accepted": s.firstAcceptedN.Load(),
+		"attempts": s.attemptsN.Load(), "attempts_accepted": s.attemptsOKN.Load(), "attempts_shed": s.attemptsShedN.Load(),
+		"attempts_timed_out": s.attemptsTimedOutN.Load(), "attempts_other": s.attemptsOtherN.Load(),
+		"attempts_refused": s.attemptsRefusedN.Load(),
+		"retry_for_s":      c.retryFor.Seconds(),
+		"ack_p50_ms":       ms(p50), "ack_p99_ms": ms(p99), "ack_max_ms": ms(maxAck),
 		"ids_sent": s.idsN.Load(), "upstream_requests": reqs,
 		"upstream_per_id": ratio(float64(reqs), float64(s.idsN.Load())),
 		// The service fetches only for the callbacks it accepts: past
@@ -432,9 +533,22 @@ func report(c config, s *sender, objects *objectService, p *poller, check *check
 		"upstream_per_accepted_id": ratio(float64(reqs), float64(s.idsAcceptedN.Load())),
 		"upstream_per_sec":         ratio(float64(reqs), span.Seconds()),
 		"upstream_faults":          objects.faulted.Load(),
+		"upstream_outage_answers":  objects.outaged.Load(),
+		"upstream_abandoned":       objects.abandoned.Load(),
+		"upstream_per_id_counts":   rf.histogram,
+		"upstream_max_per_id":      rf.maxPerID,
+		"upstream_ids_refetched":   rf.refetched,
+		"upstream_ids_multi":       rf.multi,
+		"upstream_ids_kill_held":   rf.killHeld,
+		"upstream_ids_over":        rf.over,
+		"upstream_over_examples":   rf.overIDs,
 		"catchup_ms":               catchup, "table_errors": v.tableErrors, "lost": v.lostIDs,
-		"not_reaped": notReaped, "poll_failures": pollFailures, "pass": pass,
-		"duration_s": span.Seconds(),
+		"lost_expired_in_outage": v.lostExcused,
+		"not_reaped":             notReaped, "poll_failures": pollFailures, "pass": pass,
+		"duration_s":         span.Seconds(),
+		"first_sent_unix_ms": unixMS(first), "last_sent_unix_ms": unixMS(last), "last_attempt_unix_ms": unixMS(lastAttempt),
+		"kill_unix_ms": unixMS(killAt), "back_unix_ms": unixMS(backAt),
+		"outage_from_unix_ms": unixMS(outFrom), "outage_to_unix_ms": unixMS(outTo),
 	}
 	if p != nil && c.checkJournal {
 		sum["journal_left"] = journalLeft
@@ -448,10 +562,23 @@ func report(c config, s *sender, objects *objectService, p *poller, check *check
 	if f, ok := s.firstFailure.Load().(string); ok {
 		fmt.Fprintf(out, " (first: %s)", f)
 	}
+	if c.killedTarget >= 0 {
+		fmt.Fprintf(out, "; %d failed outside the kill window", failedOutside)
+	}
+	if c.retryFor > 0 {
+		fmt.Fprintf(out, "\nsim: retrying for %s: first attempts %d accepted, %d shed, %d timed out; all %d attempts: %d accepted, %d shed, %d timed out, %d other (%d refused)",
+			c.retryFor, s.firstAcceptedN.Load(), s.shedN.Load(), s.timedOutN.Load(), s.attemptsN.Load(), s.attemptsOKN.Load(),
+			s.attemptsShedN.Load(), s.attemptsTimedOutN.Load(), s.attemptsOtherN.Load(), s.attemptsRefusedN.Load())
+	}
 	fmt.Fprintf(out, "\nsim: answer time p50 %s, p99 %s, max %s\n", p50.Round(time.Microsecond), p99.Round(time.Microsecond), maxAck.Round(time.Microsecond))
 	if c.listen != "" {
-		fmt.Fprintf(out, "sim: object service: %d requests (%.4f per id sent, %.0f/s), %d with injected faults\n",
-			reqs, sum["upstream_per_id"], sum["upstream_per_sec"], objects.faulted.Load())
+		fmt.Fprintf(out, "sim: object service: %d requests (%.4f per id sent, %.0f/s), %d with injected faults (%d in the outage), %d abandoned by the caller\n",
+			reqs, sum["upstream_per_id"], sum["upstream_per_sec"], objects.faulted.Load(), objects.outaged.Load(), objects.abandoned.Load())
+		fmt.Fprintf(out, "sim: object service per id: %d ids asked more than once (at most %d times), %d by more than one instance, %d allowed another instance for the kill, %d asked by more instances than allowed %v\n",
+			rf.refetched, rf.maxPerID, rf.multi, rf.killHeld, rf.over, rf.overIDs)
+		for _, why := range rf.overWhy {
+			fmt.Fprintln(out, "sim:   ", why)
+		}
 	}
 	if p != nil {
 		catch := "never within -settle"
@@ -460,6 +587,9 @@ func report(c config, s *sender, objects *objectService, p *poller, check *check
 		}
 		fmt.Fprintf(out, "sim: table exact %s; %d table errors %s; %d online ids lost from %d callbacks; %d polls failed\n",
 			catch, v.tableErrors, v.byKind, v.lostIDs, v.lostCbs, pollFailures)
+		if !outTo.IsZero() {
+			fmt.Fprintf(out, "sim: %d online ids did not land whose TTL ran out in the outage (not counted lost)\n", v.lostExcused)
+		}
 		switch {
 		case !c.checkJournal:
 		case journalLeft < 0:

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
 	"io"
 	mathbits "math/bits"
 	"math/rand/v2"
@@ -11,6 +12,7 @@ import (
 	"slices"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -36,10 +38,22 @@ type sender struct {
 	sentN, acceptedN atomic.Int64
 	failedN, idsN    atomic.Int64
 	idsAcceptedN     atomic.Int64 // ids of the callbacks answered 2xx
-	// Of the failed: answered 503 (shed: the service said at once that it
-	// cannot take the callback now), and no answer within the timeout.
+	// Of the first attempts: answered 503 (shed: the service said at once
+	// that it cannot take the callback now), and no answer within the
+	// timeout. Without retries these are the failed callbacks' reasons.
 	shedN, timedOutN atomic.Int64
+	firstAcceptedN   atomic.Int64 // callbacks accepted on the first attempt
 	firstFailure     atomic.Value // string
+
+	// retryFor: with it, a callback without a 2xx is tried again (after
+	// Retry-After for a 503, with backoff after an error or a timeout, each
+	// time on the next target) until this long after its first attempt.
+	retryFor time.Duration
+	// Every attempt, first ones included: how many, and how they ended.
+	attemptsN, attemptsOKN, attemptsShedN atomic.Int64
+	attemptsTimedOutN, attemptsOtherN     atomic.Int64
+	attemptsRefusedN                      atomic.Int64 // of the other: no connection
+	lastAttempt                           atomic.Int64 // unix nanoseconds of the latest attempt's start
 
 	mu   sync.Mutex
 	acks []time.Duration
@@ -121,6 +135,7 @@ func (s *sender) run(ctx context.Context) (first, last time.Time) {
 			first = sendAt
 		}
 		last = sendAt
+		s.noteAttempt(sendAt)
 		idx := s.check.sent(sendAt, s.distinct(ids))
 		s.sentN.Add(1)
 		s.idsN.Add(int64(len(ids)))
@@ -135,36 +150,142 @@ func (s *sender) run(ctx context.Context) (first, last time.Time) {
 	return first, last
 }
 
+// Retry pacing after an error or a timeout: full jitter over a doubling
+// backoff, as webhook senders do, and the wait after a 503 without a usable
+// Retry-After.
+const (
+	retryBackoffMin   = 250 * time.Millisecond
+	retryBackoffMax   = 4 * time.Second
+	retryAfterDefault = time.Second
+)
+
+// outcome is how one attempt ended.
+type outcome int
+
+const (
+	outAccepted outcome = iota
+	outShed             // 503: retry after Retry-After
+	outTimedOut         // no answer within the timeout
+	outRefused          // no connection: the service cannot have received it
+	outRejected         // a 4xx: the callback itself is wrong, never retried
+	outOther            // another error or status
+)
+
+// send delivers callback idx, first sent at sendAt, retrying within
+// retryFor, and records the outcome.
 func (s *sender) send(idx int, sendAt time.Time, body []byte, ids int) {
-	resp, err := s.clients[idx%len(s.clients)].Post(s.targets[idx%len(s.targets)], "application/json", bytes.NewReader(body))
-	ok := false
-	reason := ""
+	deadline := sendAt.Add(s.retryFor)
+	backoff := retryBackoffMin
+	start := sendAt
+	for attempt := 0; ; attempt++ {
+		target := (idx + attempt) % len(s.targets)
+		out, retryAfter, reason := s.try(idx, target, body)
+		end := time.Now()
+		s.check.attempt(idx, target, start, out != outRefused)
+		s.mu.Lock()
+		s.acks = append(s.acks, end.Sub(start))
+		s.mu.Unlock()
+		s.attemptsN.Add(1)
+		switch out {
+		case outAccepted:
+			s.attemptsOKN.Add(1)
+		case outShed:
+			s.attemptsShedN.Add(1)
+		case outTimedOut:
+			s.attemptsTimedOutN.Add(1)
+		default:
+			s.attemptsOtherN.Add(1)
+			if out == outRefused {
+				s.attemptsRefusedN.Add(1)
+			}
+		}
+		if attempt == 0 {
+			switch out {
+			case outAccepted:
+				s.firstAcceptedN.Add(1)
+			case outShed:
+				s.shedN.Add(1)
+			case outTimedOut:
+				s.timedOutN.Add(1)
+			}
+		}
+		if out == outAccepted {
+			s.check.answered(idx, end, true)
+			s.acceptedN.Add(1)
+			s.idsAcceptedN.Add(int64(ids))
+			return
+		}
+		wait := retryAfter
+		if out != outShed {
+			wait = backoff/2 + rand.N(backoff/2)
+			backoff = min(2*backoff, retryBackoffMax)
+		}
+		if s.retryFor <= 0 || out == outRejected || end.Add(wait).After(deadline) {
+			s.check.answered(idx, end, false)
+			s.failedN.Add(1)
+			s.firstFailure.CompareAndSwap(nil, reason)
+			return
+		}
+		time.Sleep(wait)
+		start = time.Now()
+		s.noteAttempt(start)
+	}
+}
+
+// noteAttempt records that an attempt starts at t.
+func (s *sender) noteAttempt(t time.Time) {
+	for {
+		prev := s.lastAttempt.Load()
+		if prev >= t.UnixNano() || s.lastAttempt.CompareAndSwap(prev, t.UnixNano()) {
+			return
+		}
+	}
+}
+
+// lastAttemptAt is the start of the latest attempt (zero: none).
+func (s *sender) lastAttemptAt() time.Time {
+	if n := s.lastAttempt.Load(); n != 0 {
+		return time.Unix(0, n)
+	}
+	return time.Time{}
+}
+
+// try makes one attempt of callback idx at target, and returns how it
+// ended, after a 503 how long the service asked to wait, and a reason for
+// the report.
+func (s *sender) try(idx, target int, body []byte) (outcome, time.Duration, string) {
+	resp, err := s.clients[idx%len(s.clients)].Post(s.targets[target], "application/json", bytes.NewReader(body))
 	if err != nil {
-		reason = err.Error()
-		if ne, isNet := err.(net.Error); isNet && ne.Timeout() {
-			s.timedOutN.Add(1)
+		var ne net.Error
+		var op *net.OpError
+		switch {
+		case errors.As(err, &ne) && ne.Timeout():
+			return outTimedOut, 0, err.Error()
+		case errors.As(err, &op) && op.Op == "dial":
+			return outRefused, 0, err.Error()
 		}
-	} else {
-		io.Copy(io.Discard, resp.Body)
-		resp.Body.Close()
-		ok = resp.StatusCode >= 200 && resp.StatusCode < 300
-		reason = resp.Status
-		if resp.StatusCode == http.StatusServiceUnavailable {
-			s.shedN.Add(1)
-		}
+		return outOther, 0, err.Error()
 	}
-	end := time.Now()
-	s.check.answered(idx, end, ok)
-	s.mu.Lock()
-	s.acks = append(s.acks, end.Sub(sendAt))
-	s.mu.Unlock()
-	if ok {
-		s.acceptedN.Add(1)
-		s.idsAcceptedN.Add(int64(ids))
-		return
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	switch {
+	case resp.StatusCode >= 200 && resp.StatusCode < 300:
+		return outAccepted, 0, resp.Status
+	case resp.StatusCode == http.StatusServiceUnavailable:
+		return outShed, retryAfter(resp.Header.Get("Retry-After")), resp.Status
+	case resp.StatusCode >= 400 && resp.StatusCode < 500:
+		return outRejected, 0, resp.Status
 	}
-	s.failedN.Add(1)
-	s.firstFailure.CompareAndSwap(nil, reason)
+	return outOther, 0, resp.Status
+}
+
+// retryAfter reads a Retry-After header in seconds; anything else (a date,
+// nothing) waits retryAfterDefault.
+func retryAfter(h string) time.Duration {
+	if n, err := strconv.Atoi(strings.TrimSpace(h)); err == nil && n >= 0 {
+		return time.Duration(n) * time.Second
+	}
+	return retryAfterDefault
 }
 
 // ackPercentiles returns p50, p99 and the maximum answer time.

@@ -24,8 +24,9 @@ type serviceProc struct {
 }
 
 // startService starts the service binary on a free port, asking the object
-// service at upstream (host:port) and storing in dsn, at log level warn,
-// with extra flags after those, and waits until /readyz answers 200.
+// service at upstream (host:port) and storing in dsn (passed as DATABASE_URL
+// in its environment, where ps does not show it), at log level warn, with
+// extra flags after those, and waits until /readyz answers 200.
 func startService(bin, upstream, dsn string, extra ...string) (*serviceProc, error) {
 	addr, err := freeAddr()
 	if err != nil {

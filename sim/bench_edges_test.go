@@ -1,0 +1,81 @@
+package main
+
+import (
+	"bytes"
+	"strings"
+	"testing"
+	"time"
+)
+
+// The edge rows run the loads issue 20 names.
+func TestEdgeLoads(t *testing.T) {
+	c := config{duration: 30 * sec, deadFor: 60 * sec}
+	cases := []struct {
+		l    benchLoad
+		want string
+	}{
+		{flakyLoad(c, 40), "-rate 10 -ids 200 -ids-min 200 -unique -duration 30s -fault-500 0.25"},
+		{deadLoad(c), "-rate 20 -ids 200 -ids-min 200 -unique -duration 1m20s -outage-after 5s -outage-for 1m0s"},
+		{deadHealthyLoad(c), "-rate 20 -ids 200 -ids-min 200 -unique -duration 1m20s"},
+		{retryingLoad(c, 25), "-rate 50 -ids 200 -ids-min 200 -unique -duration 30s -retry-for 20s"},
+	}
+	for _, tc := range cases {
+		if got := strings.Join(tc.l.args, " "); got != tc.want || tc.l.edge == "" || tc.l.overload() {
+			t.Errorf("%s: args %q (edge %q), want %q", tc.l.name, got, tc.l.edge, tc.want)
+		}
+	}
+	if _, err := parseFlags([]string{"-mode", "bench", "-dsn", "x", "-dead-for", "0s"}, &bytes.Buffer{}); err == nil {
+		t.Error("-dead-for 0s accepted")
+	}
+}
+
+func TestEdgeTargets(t *testing.T) {
+	end := t0
+	idle := func(vals ...float64) []sample {
+		var s []sample
+		for i, v := range vals {
+			s = append(s, sample{end.Add(time.Duration(i) * 2 * sec), v})
+		}
+		return s
+	}
+	withEdge := func(s benchSummary, e edgeSummary) benchSummary { s.edgeSummary = e; return s }
+	cases := []struct {
+		name string
+		r    benchResult
+		want string
+	}{
+		{"flaky met", benchResult{benchLoad: benchLoad{edge: "flaky"},
+			sum: withEdge(benchSummary{UpstreamPerAcceptedID: 1.40}, edgeSummary{UpstreamFaults: 10})},
+			"lost 0 ok, req/id 1.400 (10 faults) ok"},
+		{"flaky: too many requests", benchResult{benchLoad: benchLoad{edge: "flaky"},
+			sum: withEdge(benchSummary{UpstreamPerAcceptedID: 1.46, Lost: 2}, edgeSummary{UpstreamFaults: 10})},
+			"lost 2 MISS, req/id 1.460 (10 faults) MISS"},
+		{"flaky: no faults injected", benchResult{benchLoad: benchLoad{edge: "flaky"},
+			sum: withEdge(benchSummary{UpstreamPerAcceptedID: 1}, edgeSummary{})},
+			"lost 0 ok, req/id 1.000 (0 faults) MISS"},
+		{"dead met", benchResult{benchLoad: benchLoad{edge: "dead"}, idleGoroutines: 40, goroutines: idle(900, 400, 60),
+			sum: withEdge(benchSummary{}, edgeSummary{LastSentMS: end.UnixMilli(), OutageAnswers: 5, LostExpired: 7})},
+			"timed out 0 ok, lost 0 (and 7 whose TTL ran out in the outage) ok, goroutines idle 40, back near idle 4s after the last callback ok"},
+		{"dead: goroutines late, timeouts, no outage", benchResult{benchLoad: benchLoad{edge: "dead"}, idleGoroutines: 40,
+			goroutines: idle(900, 900, 900, 900, 900, 900, 60),
+			sum:        withEdge(benchSummary{TimedOut: 1}, edgeSummary{LastSentMS: end.UnixMilli()})},
+			"timed out 1 MISS, lost 0 (and 0 whose TTL ran out in the outage) MISS, goroutines idle 40, back near idle 12s after the last callback MISS"},
+		{"dead: goroutines never back", benchResult{benchLoad: benchLoad{edge: "dead"}, idleGoroutines: 40, goroutines: idle(900, 71),
+			sum: withEdge(benchSummary{}, edgeSummary{LastSentMS: end.UnixMilli(), OutageAnswers: 1})},
+			"timed out 0 ok, lost 0 (and 0 whose TTL ran out in the outage) ok, goroutines idle 40, back near idle never (71 at +10s) after the last callback MISS"},
+		{"retrying met", benchResult{benchLoad: benchLoad{edge: "retrying"},
+			sum: withEdge(benchSummary{CatchupMS: 10000}, edgeSummary{Attempts: 1000, AttemptsTimedOut: 10})},
+			`lost 0 ok, timed out 10 of 1000 attempts ok, caught up 10.0s after the last attempt ok, 0 WARN "object service not answering" ok`},
+		{"retrying missed", benchResult{benchLoad: benchLoad{edge: "retrying"}, notAnswering: 2,
+			sum: withEdge(benchSummary{CatchupMS: 10100}, edgeSummary{Attempts: 1000, AttemptsTimedOut: 11})},
+			`lost 0 ok, timed out 11 of 1000 attempts MISS, caught up 10.1s after the last attempt MISS, 2 WARN "object service not answering" MISS`},
+		{"retrying never exact", benchResult{benchLoad: benchLoad{edge: "retrying"},
+			sum: withEdge(benchSummary{CatchupMS: -1}, edgeSummary{Attempts: 10})},
+			`lost 0 ok, timed out 0 of 10 attempts ok, never caught up within -settle MISS, 0 WARN "object service not answering" ok`},
+	}
+	for _, tc := range cases {
+		if got := targetsString(edgeTargets(tc.r)); got != tc.want {
+			t.Errorf("%s:\n got %s\nwant %s", tc.name, got, tc.want)
+		}
+	}
+}
