@@ -14,7 +14,8 @@ COPY . .
 ARG VERSION=""
 ARG REVISION=""
 RUN CGO_ENABLED=0 go build -trimpath -ldflags="-s -w -X main.linkedVersion=${VERSION} -X main.linkedRevision=${REVISION}" -o /out/objtrack . \
- && CGO_ENABLED=0 go build -trimpath -ldflags="-s -w" -o /out/sim ./sim
+ && CGO_ENABLED=0 go build -trimpath -ldflags="-s -w" -o /out/sim ./sim \
+ && mkdir -p /out/spill
 
 # The simulator (sender and object service) for the compose demo:
 #   docker build --target sim -t objtrack-sim .
@@ -32,8 +33,12 @@ ENTRYPOINT ["/sim"]
 FROM scratch
 COPY --from=build /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
 COPY --from=build /out/objtrack /objtrack
+# The spill journal (-spill-dir): the service user must own it, and it must
+# be a volume of its own per container, so that it survives a restart.
+COPY --from=build --chown=65532:65532 /out/spill /var/lib/objtrack/spill
+VOLUME /var/lib/objtrack/spill
 USER 65532:65532
-ENV OBJTRACK_LISTEN=:9090
+ENV OBJTRACK_LISTEN=:9090 OBJTRACK_SPILL_DIR=/var/lib/objtrack/spill
 EXPOSE 9090
 # No shell or curl in the image: the binary checks its own /healthz
 # (liveness; a database outage must not restart the container). Compose

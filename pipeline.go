@@ -395,6 +395,7 @@ func (p *pipeline) recoverCallback(cb *callback) {
 		err := p.writer.park(ctx, []*callback{cb})
 		cancel()
 		if err == nil {
+			p.spill.moved(cb.journalID) // in PostgreSQL now: a spill record of it is spent
 			return
 		}
 		// A park whose commit went unheard may have landed and been

@@ -18,9 +18,10 @@ import (
 // load or a test, and what can be read of it from outside: /metrics and
 // /proc.
 type serviceProc struct {
-	cmd  *exec.Cmd
-	base string       // http://host:port
-	logs bytes.Buffer // stdout and stderr; read it only after stop
+	cmd   *exec.Cmd
+	base  string       // http://host:port
+	logs  bytes.Buffer // stdout and stderr; read it only after stop
+	spill string       // its -spill-dir, made for it and removed at stop
 }
 
 // startService starts the service binary on a free port, asking the object
@@ -32,13 +33,18 @@ func startService(bin, upstream, dsn string, extra ...string) (*serviceProc, err
 	if err != nil {
 		return nil, err
 	}
-	s := &serviceProc{base: "http://" + addr}
-	args := append([]string{"-listen", addr, "-upstream", "http://" + upstream, "-log-level", "warn"}, extra...)
+	spill, err := os.MkdirTemp("", "objtrack-sim-spill-")
+	if err != nil {
+		return nil, fmt.Errorf("spill directory: %w", err)
+	}
+	s := &serviceProc{base: "http://" + addr, spill: spill}
+	args := append([]string{"-listen", addr, "-upstream", "http://" + upstream, "-log-level", "warn", "-spill-dir", spill}, extra...)
 	s.cmd = exec.Command(bin, args...)
 	// In the environment, not the arguments, where ps would show the password.
 	s.cmd.Env = append(os.Environ(), "DATABASE_URL="+dsn)
 	s.cmd.Stdout, s.cmd.Stderr = &s.logs, &s.logs
 	if err := s.cmd.Start(); err != nil {
+		_ = os.RemoveAll(spill)
 		return nil, fmt.Errorf("start the service: %w", err)
 	}
 	if err := waitFor(15*time.Second, func() error { return ready(s.base) }); err != nil {
@@ -52,6 +58,7 @@ func startService(bin, upstream, dsn string, extra ...string) (*serviceProc, err
 func (s *serviceProc) stop() {
 	_ = s.cmd.Process.Signal(syscall.SIGTERM)
 	_ = s.cmd.Wait()
+	_ = os.RemoveAll(s.spill)
 }
 
 func ready(base string) error {
