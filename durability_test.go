@@ -539,9 +539,9 @@ func TestDatabaseOutageMidRun(t *testing.T) {
 		status, _ := getBody(t, svc.base+"/readyz")
 		return status == http.StatusServiceUnavailable
 	})
-	// The outage catches work: callbacks accepted into memory only.
-	eventually(t, landWithin, "callbacks accepted during the outage", func() bool {
-		return svc.metric(t, "objtrack_journal_failures_total") >= 10
+	// The outage catches work: callbacks accepted into the spill.
+	eventually(t, landWithin, "callbacks spilled during the outage", func() bool {
+		return svc.metric(t, "objtrack_spill_appended_total") >= 10
 	})
 	proxy.setUp(true)
 	svc.waitReady(t)
@@ -559,8 +559,8 @@ func TestDatabaseOutageMidRun(t *testing.T) {
 	if n := svc.metric(t, "objtrack_spill_appended_total"); n == 0 {
 		t.Error("nothing spilled during the outage")
 	}
-	// The callbacks accepted into memory only during the outage were
-	// journaled once PostgreSQL was back (or finished before that).
+	// The callbacks spilled during the outage were journaled once
+	// PostgreSQL was back (or finished before that).
 	eventually(t, landWithin, "no callback in memory only", func() bool {
 		return svc.metric(t, "objtrack_callbacks_memory_only") == 0
 	})

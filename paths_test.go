@@ -261,7 +261,7 @@ func wantRows(t *testing.T, db *sql.DB, want map[int64][2]time.Time) {
 }
 
 // A journal commit slower than the answer deadline: the callback is
-// answered first (journaled false), the write goes on and commits late, and
+// spilled and answered (durable in the spill), the write goes on and commits late, and
 // the apply that deletes the row waits for it, so no stray row is left
 // behind and the late commit is counted.
 func TestLateJournalCommitComesBeforeTheApply(t *testing.T) {
@@ -274,8 +274,8 @@ func TestLateJournalCommitComesBeforeTheApply(t *testing.T) {
 	from := time.Now().Truncate(time.Microsecond)
 	status, body := post(t, svc.base, idsBody(2, 4))
 	to := time.Now()
-	if status != http.StatusAccepted || !strings.Contains(body, `"journaled":false`) {
-		t.Fatalf("status %d body %s, want 202 answered before the journal commit", status, body)
+	if status != http.StatusAccepted || !strings.Contains(body, `"durable":"spill"`) {
+		t.Fatalf("status %d body %s, want 202 answered from the spill before the journal commit", status, body)
 	}
 	if to.Sub(from) >= time.Second {
 		t.Errorf("answered after %s, past the sender's 1s", to.Sub(from))
@@ -290,7 +290,8 @@ func TestLateJournalCommitComesBeforeTheApply(t *testing.T) {
 	}
 	wantRows(t, db, map[int64][2]time.Time{2: {from, to}, 4: {from, to}})
 	for name, want := range map[string]float64{
-		"objtrack_journal_failures_total":    1,
+		"objtrack_journal_failures_total":    0,
+		"objtrack_spill_appended_total":      1,
 		"objtrack_journal_rejournaled_total": 0,
 	} {
 		if got := svc.metric(t, name); got != want {
