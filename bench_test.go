@@ -1,16 +1,20 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -142,4 +146,150 @@ func BenchmarkLookup(b *testing.B) {
 		wg.Wait()
 	}
 	b.ReportMetric(float64(200*b.N)/b.Elapsed().Seconds(), "fetches/s")
+}
+
+// rawObjects is an object service cheap enough that the client side
+// dominates a loopback benchmark: one goroutine per connection answers each
+// GET /objects/{id} with {"id":id,"online":even}, without net/http.
+func rawObjects(b *testing.B) string {
+	b.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go serveRaw(c)
+		}
+	}()
+	return "http://" + ln.Addr().String()
+}
+
+func serveRaw(c net.Conn) {
+	defer c.Close()
+	r := bufio.NewReaderSize(c, 4096)
+	out := make([]byte, 0, 256)
+	for {
+		line, err := r.ReadSlice('\n')
+		if err != nil {
+			return
+		}
+		// "GET /objects/123 HTTP/1.1\r\n"
+		path := line[:bytes.LastIndexByte(line, ' ')]
+		id := path[bytes.LastIndexByte(path, '/')+1:]
+		n, _ := strconv.ParseInt(string(id), 10, 64)
+		body := make([]byte, 0, 48)
+		body = append(body, `{"id":`...)
+		body = append(body, id...)
+		body = append(body, `,"online":`...)
+		body = strconv.AppendBool(body, n%2 == 0)
+		body = append(body, '}')
+		for {
+			h, err := r.ReadSlice('\n')
+			if err != nil {
+				return
+			}
+			if len(h) <= 2 {
+				break
+			}
+		}
+		out = append(out[:0], "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "...)
+		out = strconv.AppendInt(out, int64(len(body)), 10)
+		out = append(out, "\r\n\r\n"...)
+		out = append(out, body...)
+		if _, err := c.Write(out); err != nil {
+			return
+		}
+	}
+}
+
+// cpuTime is the process's CPU time so far, user and system: on a shared
+// machine it varies less than the wall time.
+func cpuTime(b *testing.B) time.Duration {
+	b.Helper()
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		b.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// reportPerFetch reports wall and CPU time per fetch since cpu0.
+func reportPerFetch(b *testing.B, cpu0 time.Duration, fetches int) {
+	b.Helper()
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(fetches), "ns/fetch")
+	b.ReportMetric(float64((cpuTime(b)-cpu0).Nanoseconds())/float64(fetches), "cpu-ns/fetch")
+}
+
+// BenchmarkFetchLoopback compares, over loopback HTTP to the same cheap
+// object service and the service's tuned transport, the fetch path
+// (lookupAll of 1000 new ids, 256 slots) with a bare client doing the same
+// GETs from 256 goroutines: the ns/fetch of service over bare is the
+// fetch path's overhead over the ceiling's client, measured in one run.
+func BenchmarkFetchLoopback(b *testing.B) {
+	const conc, batch = 256, 1000
+	target := rawObjects(b)
+	cfg := testConfig(b, "-upstream", target, "-max-inflight", strconv.Itoa(conc))
+	b.Run("bare", func(b *testing.B) {
+		tr := newTransport(cfg, (&net.Dialer{}).DialContext)
+		b.Cleanup(tr.CloseIdleConnections)
+		client := &http.Client{Transport: tr, Timeout: cfg.fetchTimeout}
+		var next atomic.Int64
+		b.ReportAllocs()
+		cpu0 := cpuTime(b)
+		for b.Loop() {
+			var wg sync.WaitGroup
+			for range conc {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					for {
+						id := next.Add(1)
+						if id > batch {
+							return
+						}
+						req, _ := http.NewRequest(http.MethodGet, target+"/objects/"+strconv.FormatInt(id, 10), nil)
+						resp, err := client.Do(req)
+						if err != nil {
+							b.Error(err)
+							return
+						}
+						_, _ = io.Copy(io.Discard, resp.Body)
+						resp.Body.Close()
+					}
+				}()
+			}
+			wg.Wait()
+			next.Store(0)
+		}
+		reportPerFetch(b, cpu0, batch*b.N)
+	})
+	b.Run("service", func(b *testing.B) {
+		p := fetchApp(b, cfg, nil)
+		next := int64(0)
+		b.ReportAllocs()
+		cpu0 := cpuTime(b)
+		for b.Loop() {
+			ids := make([]int64, batch)
+			for i := range ids {
+				next++
+				ids[i] = next
+			}
+			cb := newCallback(time.Now(), ids)
+			var wg sync.WaitGroup
+			p.fetcher.lookupAll(context.Background(), cb, &wg)
+			wg.Wait()
+			for i := range cb.results {
+				if r := result(cb.results[i].Load()); r != resultOnline && r != resultOffline {
+					b.Fatalf("id %d: result %d", ids[i], r)
+				}
+			}
+		}
+		reportPerFetch(b, cpu0, batch*b.N)
+	})
 }
