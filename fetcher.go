@@ -65,6 +65,11 @@ type fetcher struct {
 	later   byRetry
 	closed  bool // shutdown: nothing is queued any more
 	wake    chan struct{}
+
+	// work hands a flight, with its slot, from the dispatcher to an idle
+	// worker (schedule.go); workers counts the live ones.
+	work    chan *flight
+	workers atomic.Int64
 }
 
 // flight is one fetch of one id, with everyone waiting for its answer.
@@ -116,6 +121,7 @@ func newFetcher(cfg config, transport http.RoundTripper, save func(context.Conte
 		guard:        g,
 		flights:      make(map[int64]*flight),
 		wake:         make(chan struct{}, 1),
+		work:         make(chan *flight),
 		upstream:     newUpstreamHealth(cfg.upstream, log, m, g),
 		fd:           newFDGuard(fdFetch, log, m),
 		save:         save,

@@ -295,3 +295,21 @@ func TestFetchMeterCountsSlowAnswersAsDistress(t *testing.T) {
 		t.Errorf("tick %+v, want 11 attempts, 7 in distress (6 slow, 1 failed)", s)
 	}
 }
+
+// Attempts run on long-lived workers, about one per slot, not on a new
+// goroutine each; once the load is gone, the idle workers are retired.
+func TestFetchWorkersOutliveAttemptsAndRetire(t *testing.T) {
+	up := newUpstream(t, time.Millisecond, nil)
+	p := fetchApp(t, testConfig(t, "-upstream", up.URL, "-max-inflight", "8"), nil)
+	cbs := distinctCallbacks(20, 50) // 1000 flights through 8 slots
+	resolveAll(p.fetcher, cbs...)
+	for _, cb := range cbs {
+		wantResults(t, cb)
+	}
+	// A worker that has handed out its answer may still be on its way
+	// back when the dispatcher takes its slot again: a few more than 8.
+	if n := p.fetcher.workers.Load(); n < 1 || n > 16 {
+		t.Errorf("%d fetch workers after 1000 attempts through 8 slots, want 1-16 still idle", n)
+	}
+	eventually(t, 20*time.Second, "idle fetch workers retired", func() bool { return p.fetcher.workers.Load() == 0 })
+}
