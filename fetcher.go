@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -194,7 +193,7 @@ func (f *fetcher) release() {
 // fetch makes one attempt for fl, holding a semaphore slot on entry, and
 // hands the answer to its waiters, or queues it for a retry after a backoff
 // with full jitter while its deadline allows.
-func (f *fetcher) fetch(ctx context.Context, fl *flight) {
+func (f *fetcher) fetch(ctx context.Context, fl *flight, buf []byte) {
 	outcome := resultAborted
 	defer func() {
 		if outcome != resultPending {
@@ -206,7 +205,7 @@ func (f *fetcher) fetch(ctx context.Context, fl *flight) {
 	deadline := f.deadline(fl)
 	f.mu.Unlock()
 	start := time.Now()
-	online, kind, err := f.attempt(ctx, fl.id, deadline)
+	online, kind, err := f.attempt(ctx, fl.id, deadline, buf)
 	took := time.Since(start)
 	f.release()
 	f.meter.observe(took, err == nil, took > time.Duration(slowAnswerShare*float64(f.fetchTimeout)))
@@ -285,17 +284,11 @@ const (
 	outcomePanic     = "panic"
 )
 
-// objectAnswer is the object service's answer; pointers tell a missing field
-// from a zero one.
-type objectAnswer struct {
-	ID     *int64 `json:"id"`
-	Online *bool  `json:"online"`
-}
-
 // attempt is one GET of one object. Only a 200 with a JSON body naming the
 // id asked for counts; everything else is a failed attempt, and so is a panic
 // (in a transport, say), which must not strand the flight's waiters.
-func (f *fetcher) attempt(ctx context.Context, id int64, deadline time.Time) (online bool, outcome string, err error) {
+// buf is the calling worker's answer buffer.
+func (f *fetcher) attempt(ctx context.Context, id int64, deadline time.Time, buf []byte) (online bool, outcome string, err error) {
 	defer func() {
 		if r := recover(); r != nil {
 			f.guard.panicked("fetch", r)
@@ -321,8 +314,10 @@ func (f *fetcher) attempt(ctx context.Context, id int64, deadline time.Time) (on
 		return false, outcomeTransport, fmt.Errorf("get object %d: %w", id, err)
 	}
 	// Reading the body to the end lets the connection be reused.
-	body, readErr := io.ReadAll(io.LimitReader(resp.Body, maxAnswer))
-	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, maxAnswer))
+	body, done, readErr := readAnswer(resp.Body, buf)
+	if !done {
+		_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, maxAnswer))
+	}
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
 		return false, outcomeStatus, fmt.Errorf("get object %d: status %d", id, resp.StatusCode)
@@ -330,14 +325,14 @@ func (f *fetcher) attempt(ctx context.Context, id int64, deadline time.Time) (on
 	if readErr != nil {
 		return false, outcomeTransport, fmt.Errorf("get object %d: read body: %w", id, readErr)
 	}
-	var a objectAnswer
-	if err := json.Unmarshal(body, &a); err != nil || a.ID == nil || a.Online == nil {
+	named, online, ok := parseAnswer(body)
+	if !ok {
 		return false, outcomeBody, fmt.Errorf("get object %d: want {\"id\":..,\"online\":..}, got %.100q", id, body)
 	}
-	if *a.ID != id {
-		return false, outcomeWrongID, fmt.Errorf("get object %d: answer names id %d", id, *a.ID)
+	if named != id {
+		return false, outcomeWrongID, fmt.Errorf("get object %d: answer names id %d", id, named)
 	}
-	if *a.Online {
+	if online {
 		return true, outcomeOnline, nil
 	}
 	return false, outcomeOffline, nil

@@ -221,12 +221,14 @@ func (f *fetcher) dispatch(ctx context.Context, fl *flight) {
 }
 
 // worker makes attempts, starting with fl, until ctx ends or the
-// dispatcher retires it (a nil flight). A panic in fetch is recovered there,
+// dispatcher retires it (a nil flight), reading every answer into one
+// buffer. A panic in fetch is recovered there,
 // so the worker carries on.
 func (f *fetcher) worker(ctx context.Context, fl *flight) {
 	defer f.workers.Add(-1)
+	buf := make([]byte, answerBuf)
 	for fl != nil {
-		f.fetch(ctx, fl)
+		f.fetch(ctx, fl, buf)
 		select {
 		case fl = <-f.work:
 		case <-ctx.Done():
