@@ -52,12 +52,14 @@ func newTransport(cfg config, dial func(ctx context.Context, network, addr strin
 		// request that took a freed connection while its own dial was under
 		// way leaves one more idle socket, and the total can grow past the
 		// open-file limit that -max-inflight was sized to.
-		MaxConnsPerHost:       cfg.maxInflight,
-		IdleConnTimeout:       idleConnTimeout,
-		TLSHandshakeTimeout:   dialTimeout,
-		ResponseHeaderTimeout: cfg.fetchTimeout,
-		DisableCompression:    true,
-		ReadBufferSize:        readBufferSize,
-		WriteBufferSize:       writeBufferSize,
+		MaxConnsPerHost:     cfg.maxInflight,
+		IdleConnTimeout:     idleConnTimeout,
+		TLSHandshakeTimeout: dialTimeout,
+		// No ResponseHeaderTimeout: the client's -fetch-timeout, counted
+		// from the same start, already ends the attempt, and the header
+		// timeout cost a second timer per attempt.
+		DisableCompression: true,
+		ReadBufferSize:     readBufferSize,
+		WriteBufferSize:    writeBufferSize,
 	}
 }
