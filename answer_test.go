@@ -98,8 +98,9 @@ func TestAnswerIsCheckedAsEncodingJSONWould(t *testing.T) {
 			}
 			// Through a real attempt: the upstream's path picks the case.
 			p := testApp(t, testConfig(t, "-upstream", up.URL+"/"+strconv.Itoa(i)), nil)
-			buf := make([]byte, answerBuf)
-			_, outcome, err := p.fetcher.attempt(context.Background(), 7, time.Now().Add(time.Minute), buf)
+			w := newFetchWorker(context.Background())
+			t.Cleanup(w.close)
+			_, outcome, err := p.fetcher.attempt(w, 7, time.Now().Add(time.Minute))
 			if outcome != tt.outcome {
 				t.Errorf("attempt with answer %.80q: outcome %s (%v), want %s", tt.body, outcome, err, tt.outcome)
 			}
@@ -133,4 +134,38 @@ func FuzzParseAnswer(f *testing.F) {
 			t.Errorf("parseAnswer(%q) = %d, %v, %v; encoding/json says %d, %v, %v", body, id, online, ok, wid, wonline, wok)
 		}
 	})
+}
+
+// An attempt ends at its lookup's deadline when that comes before
+// -fetch-timeout, as a timeout; the worker's next attempt, on a fresh
+// context, is not cut short by the one that timed out.
+func TestAttemptEndsAtItsDeadlineAndTheWorkerCarriesOn(t *testing.T) {
+	hang := make(chan struct{})
+	t.Cleanup(func() { close(hang) })
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if strings.HasSuffix(r.URL.Path, "/1") {
+			select {
+			case <-hang:
+			case <-r.Context().Done():
+			}
+			return
+		}
+		fmt.Fprint(w, `{"id":2,"online":true}`)
+	}))
+	t.Cleanup(up.Close)
+	p := testApp(t, testConfig(t, "-upstream", up.URL, "-fetch-timeout", "1m"), nil)
+	w := newFetchWorker(context.Background())
+	t.Cleanup(w.close)
+	start := time.Now()
+	_, outcome, err := p.fetcher.attempt(w, 1, time.Now().Add(100*time.Millisecond))
+	// Generous: the point is that it did not wait for the 1 min timeout.
+	if outcome != outcomeTimeout || time.Since(start) > 30*time.Second {
+		t.Fatalf("hung attempt: outcome %s (%v) after %s, want a timeout at its deadline", outcome, err, time.Since(start))
+	}
+	for range 3 {
+		online, outcome, err := p.fetcher.attempt(w, 2, time.Now().Add(time.Minute))
+		if !online || err != nil {
+			t.Fatalf("attempt after a timeout: %v, %s, %v; want online", online, outcome, err)
+		}
+	}
 }

@@ -221,14 +221,15 @@ func (f *fetcher) dispatch(ctx context.Context, fl *flight) {
 }
 
 // worker makes attempts, starting with fl, until ctx ends or the
-// dispatcher retires it (a nil flight), reading every answer into one
-// buffer. A panic in fetch is recovered there,
-// so the worker carries on.
+// dispatcher retires it (a nil flight), with one answer buffer and one
+// attempt timer for all of them. A panic in fetch is recovered there, so
+// the worker carries on.
 func (f *fetcher) worker(ctx context.Context, fl *flight) {
 	defer f.workers.Add(-1)
-	buf := make([]byte, answerBuf)
+	w := newFetchWorker(ctx)
+	defer w.close()
 	for fl != nil {
-		f.fetch(ctx, fl, buf)
+		f.fetch(ctx, fl, w)
 		select {
 		case fl = <-f.work:
 		case <-ctx.Done():
@@ -237,9 +238,10 @@ func (f *fetcher) worker(ctx context.Context, fl *flight) {
 	}
 }
 
-// retireWorkers tells half of the idle workers (rounded up) to exit. A worker starts
-// only for a slot taken while none idles, so the workers without a slot are
-// about the idle ones (a few may still be handing out an answer).
+// retireWorkers tells half of the idle workers (rounded up) to exit. A
+// worker starts only for a slot taken while none idles, so the workers
+// without a slot are about the idle ones (a few may still be handing out an
+// answer).
 func (f *fetcher) retireWorkers() {
 	for n := (f.workers.Load() - int64(f.slots.inUse()) + 1) / 2; n > 0; n-- {
 		select {
