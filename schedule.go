@@ -226,6 +226,7 @@ func (f *fetcher) dispatch(ctx context.Context, fl *flight) {
 // the worker carries on.
 func (f *fetcher) worker(ctx context.Context, fl *flight) {
 	defer f.workers.Add(-1)
+	defer f.guard.catch("fetch worker")
 	w := newFetchWorker(ctx)
 	defer w.close()
 	for fl != nil {
