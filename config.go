@@ -231,17 +231,19 @@ func parseConfig(args []string, getenv func(string) string, out io.Writer) (conf
 }
 
 // deriveBacklog sets the backlog bounds not given (0) from -max-memory. It
-// plans with -max-inflight as given: fitting it to the open-file limit
-// later only lowers it, which leaves the backlog more room than planned.
+// plans with the fetch slots the descriptor budget will leave (budget.go):
+// -max-inflight, unless the open-file limit lowers it.
 func (c *config) deriveBacklog(name settingName) error {
 	if c.maxBacklog > 0 && c.maxBacklogIDs > 0 {
 		return nil
 	}
-	b, err := planBacklog(c.maxMemory, c.maxInflight)
+	nofile, _ := openFileLimit() // on error, the usual limit: fewer slots, a larger backlog, as fitFDBudget will choose
+	inflight := planFDBudget(nofile, c.dbConns, c.maxInflight, c.maxConns).fetch
+	b, err := planBacklog(c.maxMemory, inflight)
 	if err != nil {
-		example := "-max-memory " + formatBytes(minBudgetFor(c.maxInflight))
+		example := "-max-memory " + formatBytes(minBudgetFor(inflight))
 		if n := name("max-memory"); n != "-max-memory" {
-			example = envName("max-memory") + "=" + formatBytes(minBudgetFor(c.maxInflight))
+			example = envName("max-memory") + "=" + formatBytes(minBudgetFor(inflight))
 		}
 		return fmt.Errorf("%s %q: %w; for example %s", name("max-memory"), formatBytes(c.maxMemory), err, example)
 	}

@@ -136,8 +136,11 @@ func TestMemoryBudgetSetsTheBacklogBounds(t *testing.T) {
 		}
 		return b
 	}
-	def := plan(defaultMemoryBudget, 16384)
-	small := plan(512<<20, 1024)
+	// The fetch slots the plan counts are those the open-file limit leaves.
+	nofile, _ := openFileLimit()
+	slots := func(maxInflight int) int { return planFDBudget(nofile, 12, maxInflight, 0).fetch }
+	def := plan(defaultMemoryBudget, slots(16384))
+	small := plan(512<<20, slots(1024))
 	tests := []struct {
 		name          string
 		args          []string
@@ -156,7 +159,7 @@ func TestMemoryBudgetSetsTheBacklogBounds(t *testing.T) {
 		{name: "plain bytes", args: []string{"-max-memory", "536870912", "-max-inflight", "1024"},
 			memory: 512 << 20, callbacks: small.callbacks, ids: small.ids},
 		{name: "decimal unit", args: []string{"-max-memory", "3GB"},
-			memory: 3e9, callbacks: plan(3e9, 16384).callbacks, ids: plan(3e9, 16384).ids},
+			memory: 3e9, callbacks: plan(3e9, slots(16384)).callbacks, ids: plan(3e9, slots(16384)).ids},
 		{name: "explicit callbacks bound overrides", args: []string{"-max-backlog", "10"},
 			memory: defaultMemoryBudget, callbacks: 10, ids: def.ids},
 		{name: "explicit bounds need no room", args: []string{"-max-backlog", "10", "-max-backlog-ids", "99", "-max-memory", "100MiB"},
@@ -165,9 +168,9 @@ func TestMemoryBudgetSetsTheBacklogBounds(t *testing.T) {
 		{name: "unknown unit", args: []string{"-max-memory", "2XB"}, wantErr: "not a size in bytes"},
 		{name: "negative", args: []string{"-max-memory", "-1GiB"}, wantErr: "not a size in bytes"},
 		{name: "below the base", args: []string{"-max-memory", "1MiB"}, wantErr: "-max-memory \"1MiB\": must be at least 64MiB"},
-		{name: "no room beside the fetches", args: []string{"-max-memory", "700MiB"}, wantErr: "leaves no room for the backlog beside 16384 fetches in flight"},
-		{name: "no room, from the environment", env: map[string]string{"OBJTRACK_MAX_MEMORY": "700MiB"},
-			wantErr: "OBJTRACK_MAX_MEMORY (-max-memory) \"700MiB\": leaves no room"},
+		{name: "no room beside the fetches", args: []string{"-max-memory", "70MiB"}, wantErr: "leaves no room for the backlog beside"},
+		{name: "no room, from the environment", env: map[string]string{"OBJTRACK_MAX_MEMORY": "70MiB"},
+			wantErr: "OBJTRACK_MAX_MEMORY (-max-memory) \"70MiB\": leaves no room"},
 		{name: "negative bound", args: []string{"-max-backlog-ids", "-1"}, wantErr: "-max-backlog-ids \"-1\": must not be negative"},
 	}
 	for _, tt := range tests {
