@@ -1,12 +1,15 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"math/rand/v2"
 	"runtime"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"testing"
@@ -274,4 +277,33 @@ func TestPipelineShedsAtTheDerivedBound(t *testing.T) {
 			t.Errorf("callback past the ids bound: %v, want errBacklogFull", err)
 		}
 	})
+}
+
+// The budget is the runtime's soft memory limit, unless GOMEMLIMIT is set:
+// the runtime applied that one itself, and it wins.
+func TestMemoryBudgetSetsTheGoMemoryLimit(t *testing.T) {
+	before := debug.SetMemoryLimit(-1)
+	t.Cleanup(func() { debug.SetMemoryLimit(before) })
+	cfg := testConfig(t, "-max-memory", "3GiB")
+	tests := []struct {
+		name string
+		env  map[string]string
+		want int64
+	}{
+		{"no GOMEMLIMIT", nil, 3 << 30},
+		{"GOMEMLIMIT set", map[string]string{"GOMEMLIMIT": "1GiB"}, 123 << 20},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			debug.SetMemoryLimit(123 << 20) // as if the runtime had read GOMEMLIMIT
+			var logs bytes.Buffer
+			applyMemoryBudget(cfg, func(k string) string { return tt.env[k] }, slog.New(slog.NewTextHandler(&logs, nil)))
+			if got := debug.SetMemoryLimit(-1); got != tt.want {
+				t.Errorf("memory limit %d, want %d", got, tt.want)
+			}
+			if !strings.Contains(logs.String(), `msg="memory budget" max_memory=3GiB`) {
+				t.Errorf("log %q, want the memory budget line", logs.String())
+			}
+		})
+	}
 }
