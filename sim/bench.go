@@ -234,7 +234,7 @@ func (b *bencher) closed(ctx context.Context) (*closedResult, error) {
 	if err != nil {
 		return nil, fmt.Errorf("closed loop: %w", err)
 	}
-	fmt.Fprintf(b.stderr, "sim: bench: closed loop: %.0f/s against %.0f/s, %.0f%%\n", r.service.AcceptedPerSec, r.baseline.AcceptedPerSec, 100*r.ratio())
+	fmt.Fprintf(b.stderr, "sim: bench: closed loop: %.0f/s against %.0f/s, %.0f%%\n", r.service.AcceptedPerSec, r.baselineRate(), 100*r.ratio())
 	return &r, nil
 }
 
