@@ -8,6 +8,8 @@ import (
 	"io"
 	"log/slog"
 	"math/rand/v2"
+	"net/http"
+	"net/http/httptest"
 	"runtime"
 	"runtime/debug"
 	"strconv"
@@ -260,6 +262,13 @@ func TestPipelineShedsAtTheDerivedBound(t *testing.T) {
 		}
 		if err := a.pipe.admit(newCallback(time.Now(), []int64{1})); !errors.Is(err, errBacklogFull) {
 			t.Errorf("callback past the bound: %v, want errBacklogFull", err)
+		}
+		// And the sender hears it: 503 with Retry-After, counted as backlog_full.
+		rec := httptest.NewRecorder()
+		a.handler().ServeHTTP(rec, httptest.NewRequest("POST", "/callback", strings.NewReader(idsBody(1))))
+		if rec.Code != http.StatusServiceUnavailable || rec.Header().Get("Retry-After") == "" || a.metrics.callbacksShed.Value("backlog_full") != 1 {
+			t.Errorf("status %d, Retry-After %q, shed backlog_full %d; want 503, a Retry-After and 1",
+				rec.Code, rec.Header().Get("Retry-After"), a.metrics.callbacksShed.Value("backlog_full"))
 		}
 	})
 	t.Run("ids", func(t *testing.T) {
