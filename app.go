@@ -102,7 +102,7 @@ func (a *app) start() {
 	a.loop("fetch-dispatch", func(context.Context) { a.fetcher.run(a.pipe.ctx) })
 	a.loop("fetch-limit", a.limiter.run)
 	a.loop("object-service-health", a.fetcher.upstream.run)
-	a.answers.startAt(a.answerStart)
+	a.answers.startAt(a.answerStart, time.Now())
 	a.loop("answer-limit", a.answers.run)
 	a.loop("answer-level", a.level.run)
 	a.loop("reaper", a.reaper.run)

@@ -13,19 +13,15 @@ import (
 	"time"
 )
 
-// The answer limit a restarted instance starts at is the last level its
-// previous run was seen to serve: the limit at the last tick that nearly
-// used it up with every answer under the target (answerLimiter.served).
-// Not the limit the run ended at, which after a stall or at shutdown can be
-// the floor: starting there is starting low and growing while a sudden load
-// waits. It is kept in a small file in the spill directory, since that
-// directory is already the instance's own (locked while in use, one per
-// instance, on a persistent disk), and a level is a property of the machine
-// and its load, not of the database several instances share. The file is a
-// hint: missing, unreadable or out of bounds, the limit starts at
-// initialHandling, as it did before there was one. It is written every
-// levelSaveEvery when the level changed, and once more as the service
-// stops.
+// The answer limit an instance last ran at is kept in a small file in its
+// spill directory, so that a restart starts where this machine served
+// rather than from a guess: the directory is already the instance's own
+// (locked while in use, one per instance, on a persistent disk), and a
+// level is a property of the machine and its load, not of the database
+// several instances share. The file is a hint: missing, unreadable or out
+// of bounds, the limit starts at initialHandling, as it did before there
+// was one. It is written every levelSaveEvery when the limit changed, and
+// once more as the service stops.
 const (
 	levelFileName  = "answer-limit"
 	levelSaveEvery = 10 * time.Second
@@ -84,10 +80,9 @@ func startLevel(dir string, log *slog.Logger) int64 {
 	}
 }
 
-// levelKeeper saves the served level when there is one and it differs
-// from the level last saved (or started from): every levelSaveEvery while
-// the service runs (run), and once more as it stops (save, from
-// app.close).
+// levelKeeper saves the answer limit when it differs from the level last
+// saved (or started from): every levelSaveEvery while the service runs
+// (run), and once more as it stops (save, from app.close).
 type levelKeeper struct {
 	dir   string
 	limit *answerLimiter
@@ -100,8 +95,8 @@ func (k *levelKeeper) run(ctx context.Context) { everyTick(ctx, levelSaveEvery, 
 // save is called by one goroutine at a time: the loop, then close after
 // the loops have ended.
 func (k *levelKeeper) save() {
-	n := k.limit.served.Load()
-	if n == 0 || n == k.saved {
+	n := k.limit.limit.Load()
+	if n == k.saved {
 		return
 	}
 	if err := saveLevel(k.dir, n); err != nil {

@@ -70,8 +70,9 @@ func TestRestartedInstanceStartsAtTheSavedLevel(t *testing.T) {
 		t.Fatalf("first start at %d, want the default %d", first.answerStart, initialHandling)
 	}
 	first.start()
-	// As if it had served 777 at once with fast answers under load.
-	first.answers.served.Store(777)
+	// As if it had adapted under load: nothing is sent, so the limiter's
+	// own ticks leave it where it is.
+	first.answers.limit.Store(777)
 	first.close()
 
 	second, err := newApp(cfg, discardLogger(), nil)
@@ -91,28 +92,48 @@ func TestRestartedInstanceStartsAtTheSavedLevel(t *testing.T) {
 	}
 }
 
-// The served level is the limit at a tick that nearly used it up with no
-// slow answer; other ticks leave it.
-func TestAnswerLimiterRecordsTheServedLevel(t *testing.T) {
+// While warm after a start, slow answers do not cut the limit below the
+// level it started at; late ones do, and so do slow ones once warm.
+func TestAnswerLimiterHoldsItsStartLevelWhileWarm(t *testing.T) {
+	const target = 250 * time.Millisecond
 	tests := []struct {
-		name                string
-		answers, slow, peak int64
-		want                int64
+		name       string
+		after      time.Duration // since the start
+		late       int64         // of 100 answers, all slow
+		peak, want int64
 	}{
-		{"nearly used up, fast answers", 100, 0, 760, 800},
-		{"nearly used up, slow answers", 100, 50, 800, 0},
-		{"a few slow answers", 100, 1, 800, 0},
-		{"mostly unused", 100, 0, 300, 0},
-		{"no answers", 0, 0, 800, 0},
+		{"slow answers while warm: hold the start level", time.Second, 0, 900, 800},
+		{"a few late answers while warm: hold", time.Second, 5, 900, 800},
+		{"late answers while warm: cut", time.Second, 50, 900, 600},
+		{"slow answers once warm: cut", warmUp + time.Second, 0, 900, 600},
+		{"a cut above the start level is allowed while warm", time.Second, 0, 1200, 900},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			l := newAnswerLimiter(250*time.Millisecond, newMetrics())
-			l.limit.Store(800)
-			l.adjust(time.Now(), tt.answers, tt.slow, tt.peak)
-			if got := l.served.Load(); got != tt.want {
-				t.Errorf("served %d, want %d", got, tt.want)
+			l := newAnswerLimiter(target, newMetrics())
+			start := time.Now()
+			l.startAt(800, start)
+			if tt.name == "a cut above the start level is allowed while warm" {
+				l.limit.Store(1200)
+			}
+			now := start.Add(tt.after)
+			l.adjust(now, 100, 100, tt.late, tt.peak)
+			l.adjust(now.Add(limitTick), 100, 100, tt.late, tt.peak)
+			if got := l.limit.Load(); got != tt.want {
+				t.Errorf("limit %d, want %d", got, tt.want)
 			}
 		})
+	}
+}
+
+// Answers are counted late past lateFactor × the target.
+func TestAnswerLimiterCountsLateAnswers(t *testing.T) {
+	l := newAnswerLimiter(250*time.Millisecond, newMetrics())
+	for _, took := range []time.Duration{100 * time.Millisecond, 300 * time.Millisecond, 600 * time.Millisecond} {
+		l.enter()
+		l.leave(took)
+	}
+	if answers, slow, late := l.answers.Load(), l.slow.Load(), l.late.Load(); answers != 3 || slow != 2 || late != 1 {
+		t.Errorf("answers %d, slow %d, late %d; want 3, 2 and 1", answers, slow, late)
 	}
 }
