@@ -88,16 +88,11 @@ type answerLimiter struct {
 	peak    atomic.Int64 // most in use since the last tick
 	answers atomic.Int64 // answers since the last tick
 	slow    atomic.Int64 // of them, those that took longer than target
-	late    atomic.Int64 // of them, those that took longer than lateFactor × target
 	target  time.Duration
 	metrics *metrics
 	lastCut time.Time
 	// slowTicks counts the ticks in a row with too many slow answers.
 	slowTicks int
-	// Until warmUntil a cut goes no lower than floor, the level the limit
-	// started at, unless answers are late (see startAt).
-	floor     int64
-	warmUntil time.Time
 }
 
 // answerTargetShare sets the answer time the limiter keeps under: half of
@@ -121,35 +116,6 @@ func newAnswerLimiter(target time.Duration, m *metrics) *answerLimiter {
 	return l
 }
 
-// A start is where the limit is most likely to be cut for nothing: the
-// first seconds of a process are its slowest (the sender's connections
-// are accepted by the thousand, the heap grows from nothing through many
-// short collections, the database pools open), so answers pass the target
-// for a while, and cutting then sheds a load the machine serves once warm
-// (the duplicate-heavy 4000/s of make bench shed 4302 callbacks in its
-// first 10 s and almost none after). For warmUp after a start the limit
-// therefore goes no lower than the level it started at, the one the last
-// run ended at (levels.go) or initialHandling, as long as answers are not
-// late: over lateFactor × the target, half of the sender's 1 s with the
-// default -journal-timeout, a share of them that would be slow still cuts
-// at once. The answers are still within the sender's timeout while this
-// holds, and what is promised does not change: a 2xx still waits for its
-// journal row or spill record.
-const (
-	warmUp     = 10 * time.Second
-	lateFactor = 2
-)
-
-// startAt sets the limit to level (bounded by minHandling and
-// maxHandling) as the service starts at now, and holds it there for warmUp
-// against cuts other than for late answers.
-func (l *answerLimiter) startAt(level int64, now time.Time) {
-	level = max(minHandling, min(maxHandling, level))
-	l.limit.Store(level)
-	l.metrics.handlingLimit.Set(level)
-	l.floor, l.warmUntil = level, now.Add(warmUp)
-}
-
 // enter takes a place for one callback, or says there is none.
 func (l *answerLimiter) enter() bool {
 	n := l.inUse.Add(1)
@@ -171,9 +137,6 @@ func (l *answerLimiter) leave(took time.Duration) {
 	l.answers.Add(1)
 	if took > l.target {
 		l.slow.Add(1)
-		if took > lateFactor*l.target {
-			l.late.Add(1)
-		}
 	}
 }
 
@@ -188,7 +151,7 @@ func atomicMax(v *atomic.Int64, n int64) {
 
 func (l *answerLimiter) run(ctx context.Context) {
 	everyTick(ctx, limitTick, func() {
-		l.adjust(time.Now(), l.answers.Swap(0), l.slow.Swap(0), l.late.Swap(0), l.peak.Swap(l.inUse.Load()))
+		l.adjust(time.Now(), l.answers.Swap(0), l.slow.Swap(0), l.peak.Swap(l.inUse.Load()))
 	})
 }
 
@@ -204,9 +167,9 @@ const (
 	limitCooldown = time.Second
 )
 
-// adjust applies one tick's worth of signal to the limit: answers, slow
-// and late ones since the last tick, and the most callbacks in use.
-func (l *answerLimiter) adjust(now time.Time, answers, slow, late, peak int64) {
+// adjust applies one tick's worth of signal to the limit: answers and slow
+// ones since the last tick, and the most callbacks in use.
+func (l *answerLimiter) adjust(now time.Time, answers, slow, peak int64) {
 	limit := l.limit.Load()
 	next := limit
 	if slow*slowShare > answers {
@@ -218,12 +181,7 @@ func (l *answerLimiter) adjust(now time.Time, answers, slow, late, peak int64) {
 	case l.slowTicks >= slowTicksToCut:
 		if now.Sub(l.lastCut) >= limitCooldown {
 			next = max(minHandling, min(limit, peak)*3/4)
-			if now.Before(l.warmUntil) && late*slowShare <= answers {
-				next = max(next, min(limit, l.floor))
-			}
-			if next < limit {
-				l.lastCut = now
-			}
+			l.lastCut = now
 		}
 	case slow == 0 && peak >= limit*7/8:
 		next = min(maxHandling, limit+max(1, limit/16))

@@ -71,7 +71,7 @@ func TestAnswerLimiterAdjusts(t *testing.T) {
 			l := newAnswerLimiter(target, newMetrics())
 			l.limit.Store(tt.limit)
 			l.slowTicks = slowTicksToCut - 1 // the tick before was slow too
-			l.adjust(time.Now(), tt.answers, tt.slow, 0, tt.peak)
+			l.adjust(time.Now(), tt.answers, tt.slow, tt.peak)
 			if got := l.limit.Load(); got != tt.want {
 				t.Errorf("limit %d, want %d", got, tt.want)
 			}
@@ -87,9 +87,9 @@ func TestAnswerLimiterIgnoresOneSlowTick(t *testing.T) {
 	l := newAnswerLimiter(250*time.Millisecond, newMetrics())
 	l.limit.Store(1000)
 	now := time.Now()
-	l.adjust(now, 100, 100, 0, 1000)
-	l.adjust(now.Add(limitTick), 100, 0, 0, 100)
-	l.adjust(now.Add(2*limitTick), 100, 100, 0, 1000)
+	l.adjust(now, 100, 100, 1000)
+	l.adjust(now.Add(limitTick), 100, 0, 100)
+	l.adjust(now.Add(2*limitTick), 100, 100, 1000)
 	if got := l.limit.Load(); got != 1000 {
 		t.Fatalf("limit %d after slow ticks that were not in a row, want 1000", got)
 	}
@@ -99,13 +99,13 @@ func TestAnswerLimiterCutsOncePerCooldown(t *testing.T) {
 	l := newAnswerLimiter(250*time.Millisecond, newMetrics())
 	l.limit.Store(1000)
 	now := time.Now()
-	l.adjust(now, 100, 100, 0, 1000)
-	l.adjust(now.Add(limitTick), 100, 100, 0, 1000)
-	l.adjust(now.Add(2*limitTick), 100, 100, 0, 1000)
+	l.adjust(now, 100, 100, 1000)
+	l.adjust(now.Add(limitTick), 100, 100, 1000)
+	l.adjust(now.Add(2*limitTick), 100, 100, 1000)
 	if got := l.limit.Load(); got != 750 {
 		t.Fatalf("limit %d after three slow ticks within the cooldown, want one cut to 750", got)
 	}
-	l.adjust(now.Add(2*limitTick+limitCooldown), 100, 100, 0, 750)
+	l.adjust(now.Add(2*limitTick+limitCooldown), 100, 100, 750)
 	if got := l.limit.Load(); got != 750*3/4 {
 		t.Fatalf("limit %d after the cooldown, want a second cut to %d", got, 750*3/4)
 	}

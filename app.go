@@ -28,13 +28,9 @@ type app struct {
 	fetcher *fetcher
 	limiter *fetchLimiter
 	answers *answerLimiter
-	// answerStart is the level the answer limit starts at, kept by level
-	// for the next start (levels.go).
-	answerStart int64
-	level       *levelKeeper
-	pipe        *pipeline
-	keeper      *journalKeeper
-	reaper      *reaper
+	pipe    *pipeline
+	keeper  *journalKeeper
+	reaper  *reaper
 
 	// Background loops live until the pipeline has drained at shutdown.
 	bg     context.Context
@@ -65,8 +61,6 @@ func newApp(cfg config, log *slog.Logger, transport http.RoundTripper) (*app, er
 	a.limiter = newFetchLimiter(a.fetcher.slots, &a.fetcher.meter, &a.fetcher.waiting, a.writer.lag.take, m)
 	a.limiter.probing = a.fetcher.upstream.isDown
 	a.answers = newAnswerLimiter(cfg.journalTimeout/answerTargetShare, m)
-	a.answerStart = startLevel(cfg.spillDir, log)
-	a.level = &levelKeeper{dir: cfg.spillDir, limit: a.answers, saved: a.answerStart, log: log}
 	a.pipe = newPipeline(cfg, a.fetcher, a.writer, newAdmission(cfg, a.fetcher, a.limiter, m), db, sp, log, m, g)
 	a.keeper = newJournalKeeper(cfg, a.store, db, a.pipe, log, m, g)
 	a.reaper = newReaper(cfg, a.store, db, log, m, g)
@@ -102,9 +96,7 @@ func (a *app) start() {
 	a.loop("fetch-dispatch", func(context.Context) { a.fetcher.run(a.pipe.ctx) })
 	a.loop("fetch-limit", a.limiter.run)
 	a.loop("object-service-health", a.fetcher.upstream.run)
-	a.answers.startAt(a.answerStart, time.Now())
 	a.loop("answer-limit", a.answers.run)
-	a.loop("answer-level", a.level.run)
 	a.loop("reaper", a.reaper.run)
 	a.loop("journal", a.keeper.run)
 }
@@ -191,7 +183,6 @@ func (a *app) close() {
 	a.pipe.abort()
 	a.stopBG()
 	a.loops.Wait()
-	a.level.save() // before the spill's lock is let go: the directory is still this instance's
 	a.store.close()
 	_ = a.db.close()
 	if err := a.spill.close(); err != nil {
