@@ -15,7 +15,9 @@ package main
 // to shed (answer 503 at once) rather than fail, so an overload row is not
 // judged by whether it held but by overload targets: nothing acknowledged
 // lost, few callbacks left without an answer, and the accepted rate close
-// to what held.
+// to what held. Then the closed-loop row (closed.go): the service's accepted
+// callbacks per second under a closed-loop duplicate-heavy sender against a
+// decode-and-202 server's, in its own table (-closed-loop-only runs it alone).
 //
 //	go build -o bin/objtrack . && go build -o bin/sim ./sim
 //	scripts/with-postgres bin/sim -mode bench -service bin/objtrack
@@ -225,6 +227,17 @@ func (b *bencher) run(ctx context.Context, l benchLoad) (benchResult, error) {
 	return r, nil
 }
 
+// closed runs the closed-loop row (closed.go).
+func (b *bencher) closed(ctx context.Context) (*closedResult, error) {
+	fmt.Fprintf(b.stderr, "sim: bench: closed loop, %d senders ...\n", b.c.closedConcurrency)
+	r, err := measureClosed(ctx, b.c, b.self, b.stderr)
+	if err != nil {
+		return nil, fmt.Errorf("closed loop: %w", err)
+	}
+	fmt.Fprintf(b.stderr, "sim: bench: closed loop: %.0f/s against %.0f/s, %.0f%%\n", r.service.AcceptedPerSec, r.baselineRate(), 100*r.ratio())
+	return &r, nil
+}
+
 // steps runs the load of one kind at each rate in turn until one does not
 // hold, and returns the last one that held (nil if none did).
 func (b *bencher) steps(ctx context.Context, rates []float64, unique bool) (*benchResult, error) {
@@ -251,6 +264,14 @@ func bench(ctx context.Context, c config, stdout, stderr io.Writer) error {
 		return fmt.Errorf("find this program to run it: %w", err)
 	}
 	b := &bencher{c: c, self: self, stderr: stderr}
+	if c.closedOnly {
+		r, err := b.closed(ctx)
+		if err != nil {
+			return err
+		}
+		printClosedTable(stdout, r)
+		return nil
+	}
 	if _, err := b.run(ctx, referenceLoad(c)); err != nil {
 		return err
 	}
@@ -278,6 +299,13 @@ func bench(ctx context.Context, c config, stdout, stderr io.Writer) error {
 		}
 	}
 
+	var closed *closedResult
+	if c.closedLoop {
+		if closed, err = b.closed(ctx); err != nil {
+			return err
+		}
+	}
+
 	var ceiling benchSummary
 	if bestUnique != nil {
 		fmt.Fprintf(stderr, "sim: bench: ceiling at concurrency %d ...\n", bestUnique.peakFlight)
@@ -292,6 +320,7 @@ func bench(ctx context.Context, c config, stdout, stderr io.Writer) error {
 	}
 	printBenchTable(stdout, b.results, bestDup, bestUnique, ceiling)
 	printOverloadTable(stdout, b.results, skipped)
+	printClosedTable(stdout, closed)
 	printEdgeTable(stdout, b.results, edgeSkipped)
 	return nil
 }
