@@ -335,17 +335,27 @@ func (r benchResult) verdict() string {
 	return "did not hold: " + r.note
 }
 
-// measure runs one load against a fresh service process.
-func measure(ctx context.Context, c config, self string, l benchLoad, stderr io.Writer) (benchResult, error) {
-	res := benchResult{benchLoad: l}
+// freshService empties the tables and starts the service under test, with
+// an object-service address of its own, for one measured load.
+func freshService(c config) (*serviceProc, string, error) {
 	if err := resetTables(c.dsn); err != nil {
-		return res, err
+		return nil, "", err
 	}
 	simAddr, err := freeAddr()
 	if err != nil {
-		return res, err
+		return nil, "", err
 	}
 	svc, err := startService(c.service, simAddr, c.dsn)
+	if err != nil {
+		return nil, "", err
+	}
+	return svc, simAddr, nil
+}
+
+// measure runs one load against a fresh service process.
+func measure(ctx context.Context, c config, self string, l benchLoad, stderr io.Writer) (benchResult, error) {
+	res := benchResult{benchLoad: l}
+	svc, simAddr, err := freshService(c)
 	if err != nil {
 		return res, err
 	}

@@ -289,14 +289,7 @@ func measureClosed(ctx context.Context, c config, self string, stderr io.Writer)
 		return res, err
 	}
 	// Then the service, asking the object service the sender serves.
-	if err := resetTables(c.dsn); err != nil {
-		return res, err
-	}
-	simAddr, err := freeAddr()
-	if err != nil {
-		return res, err
-	}
-	svc, err := startService(c.service, simAddr, c.dsn)
+	svc, simAddr, err := freshService(c)
 	if err != nil {
 		return res, err
 	}
