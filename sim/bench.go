@@ -43,6 +43,8 @@ const benchDuration = 30 * time.Second
 const (
 	metricFetches         = "objtrack_fetches_total"
 	metricFetchesInFlight = "objtrack_fetches_in_flight"
+	metricSpilled         = "objtrack_spill_appended_total"
+	metricJournalFailures = "objtrack_journal_failures_total"
 )
 
 // benchLoad is one row of a table: run-mode flags and what must hold.
@@ -109,9 +111,13 @@ type benchResult struct {
 	cpuPer1000 float64
 	fetchRate  float64 // steady-state fetches per second, from /metrics
 	peakFlight int64
-	held       bool
-	note       string
-	targets    []target // overload and edge rows only, instead of held and note
+	// The spill's part: callbacks fsynced to the spill because their
+	// journal commit missed -journal-timeout, and 2xx answers with
+	// neither record.
+	spilled, journalFailures float64
+	held                     bool
+	note                     string
+	targets                  []target // overload and edge rows only, instead of held and note
 	// For the edge rows: go_goroutines before the load and during it, and
 	// the WARN lines saying the object service is not answering.
 	idleGoroutines float64
@@ -322,6 +328,7 @@ func bench(ctx context.Context, c config, stdout, stderr io.Writer) error {
 	printOverloadTable(stdout, b.results, skipped)
 	printClosedTable(stdout, closed)
 	printEdgeTable(stdout, b.results, edgeSkipped)
+	printSpillLine(stdout, b.results)
 	return nil
 }
 
@@ -419,7 +426,10 @@ func measure(ctx context.Context, c config, self string, l benchLoad, stderr io.
 	}
 	res.sum = sum
 	cpu := cpuSeconds(pid) - cpu0
-	fetches := scrape(svc.base).sum(metricFetches) - fetches0
+	m1 := scrape(svc.base)
+	fetches := m1.sum(metricFetches) - fetches0
+	res.spilled = m1[metricSpilled] - m0[metricSpilled]
+	res.journalFailures = m1[metricJournalFailures] - m0[metricJournalFailures]
 	if fetches > 0 {
 		res.cpuPer1000 = cpu / fetches * 1000
 	}
@@ -603,6 +613,17 @@ func printBenchTable(w io.Writer, results []benchResult, bestDup, bestUnique *be
 	fmt.Fprintln(w, "req/id = upstream requests per id sent; req/s = upstream requests per second over the run;")
 	fmt.Fprintln(w, "fetch/s = the service's fetches per second while sending (after 5 s); RSS = peak resident set of the service;")
 	fmt.Fprintln(w, "cpu/1k = service CPU seconds per 1000 fetches; catch-up = last callback to an exact table.")
+}
+
+// printSpillLine says what the spill cost each row: callbacks spilled
+// (their journal commit was late) and 2xx answers with neither record.
+func printSpillLine(w io.Writer, results []benchResult) {
+	var rows []string
+	for _, r := range results {
+		rows = append(rows, fmt.Sprintf("%s %.0f/%.0f", r.name, r.spilled, r.journalFailures))
+	}
+	fmt.Fprintf(w, "\nspill (callbacks spilled because their journal commit was late / 2xx with neither record), per row: %s\n",
+		strings.Join(rows, ", "))
 }
 
 // printOverloadTable prints the overload rows of results, each followed by

@@ -343,10 +343,6 @@ func measureBaseline(ctx context.Context, self string, args func(string) []strin
 	return nil
 }
 
-// metricJournalFailures counts callbacks answered with neither a journal
-// row nor a spill record.
-const metricJournalFailures = "objtrack_journal_failures_total"
-
 func dialable(addr string) error {
 	conn, err := net.Dial("tcp", addr)
 	if err == nil {
