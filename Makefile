@@ -17,13 +17,18 @@ test:
 	scripts/with-postgres go test -race -count=1 -p 1 ./...
 
 # The load benchmark: duplicate-heavy and unique-id steps, then each kind
-# at twice its highest rate that held, then the edge cases: a flaky object
+# at twice its highest rate that held, the closed-loop duplicate-heavy row
+# against a decode-and-202 server, then the edge cases: a flaky object
 # service (25% 500s), a dead one (every answer 500 for 60 s, then healthy)
-# and a sender that retries (docs/PERFORMANCE.md). BENCH_FLAGS adds flags,
+# and a sender that retries (docs/PERFORMANCE.md); then the spill journal's
+# own rate. BENCH_FLAGS adds flags,
 # e.g. BENCH_FLAGS='-edges=false' or a quick check:
-# BENCH_FLAGS='-unique-rates 10 -dup-rates 200 -duration 6s -ref-duration 5s -dead-for 10s'.
+# BENCH_FLAGS='-unique-rates 10 -dup-rates 200 -duration 6s -ref-duration 5s -dead-for 10s',
+# or only the closed-loop row: BENCH_FLAGS='-closed-loop-only -duration 10s'.
 bench: build
 	scripts/with-postgres bin/sim -mode bench -service bin/objtrack $(BENCH_FLAGS)
+	@echo "the spill alone (fsyncs on this disk, group commit, 64 appenders):"
+	go test -run '^$$' -bench '^BenchmarkSpillAppend$$' -benchtime 3s .
 
 # Go benchmarks of the decoder, the handler, the fetch path and the upsert
 # path; compare runs with benchstat.

@@ -26,6 +26,7 @@ type config struct {
 	grace          time.Duration
 	maxBacklog     int
 	maxBacklogIDs  int
+	maxMemory      int64 // bytes: the budget the backlog bounds and GOMEMLIMIT come from (memory.go)
 	journalTimeout time.Duration
 	spillDir       string
 	maxQueueWait   time.Duration
@@ -63,10 +64,12 @@ func envName(flagName string) string {
 // flagExamples are the values an error message offers for flags whose
 // default is not a good example (empty, or 0 meaning "derived").
 var flagExamples = map[string]string{
-	"dsn":       "postgres://objtrack@db.internal/objtrack",
-	"pprof":     "localhost:6060",
-	"max-conns": "4096",
-	"spill-dir": "/var/lib/objtrack/spill",
+	"dsn":             "postgres://objtrack@db.internal/objtrack",
+	"pprof":           "localhost:6060",
+	"max-conns":       "4096",
+	"spill-dir":       "/var/lib/objtrack/spill",
+	"max-backlog":     "20000",
+	"max-backlog-ids": "4000000",
 }
 
 // flagExample is a value that -name accepts: the example above, or else its
@@ -152,9 +155,11 @@ func parseConfig(args []string, getenv func(string) string, out io.Writer) (conf
 	fs.Int64Var(&c.maxBody, "max-body", 1<<20, "largest callback body accepted, in bytes")
 	fs.BoolVar(&c.coalesce, "coalesce", true, "let concurrent lookups of the same id share one request to the object service")
 	fs.DurationVar(&c.grace, "grace", 10*time.Second, "on SIGTERM/SIGINT, how long to finish in-flight callbacks before leaving the rest in the journal")
-	fs.IntVar(&c.maxBacklog, "max-backlog", 20000, "most callbacks held in memory; past it callbacks get 503 with Retry-After")
-	fs.IntVar(&c.maxBacklogIDs, "max-backlog-ids", 4000000, "most object ids held in memory across callbacks; past it callbacks get 503 with Retry-After")
-	fs.DurationVar(&c.journalTimeout, "journal-timeout", 500*time.Millisecond, "how long a callback's answer waits for its journal row; a write still in progress then goes on, and its commit is counted as late")
+	memory := byteSize(defaultMemoryBudget)
+	fs.Var(&memory, "max-memory", "memory budget of the process in `bytes` (like 2GiB or 512MiB): the fetches in flight take their share, the default -max-backlog and\n-max-backlog-ids are derived from the rest, and it is the Go runtime's soft memory limit unless GOMEMLIMIT is set")
+	fs.IntVar(&c.maxBacklog, "max-backlog", 0, "most callbacks held in memory; past it callbacks get 503 with Retry-After (0: derived from -max-memory)")
+	fs.IntVar(&c.maxBacklogIDs, "max-backlog-ids", 0, "most object ids held in memory across callbacks; past it callbacks get 503 with Retry-After (0: derived from -max-memory)")
+	fs.DurationVar(&c.journalTimeout, "journal-timeout", 500*time.Millisecond, "how long a callback's answer waits for its journal row; a write still in progress then goes on, counted as late, and the callback is spilled; past 800ms from receipt with neither record it gets 503")
 	fs.StringVar(&c.spillDir, "spill-dir", defaultSpillDir, "directory of this instance's local spill journal, where a callback is made durable when PostgreSQL is down or its journal commit misses -journal-timeout;\nlocked while in use: one directory (one volume) per instance")
 	fs.DurationVar(&c.lease, "lease", 5*time.Second, "how long an instance's journal rows stay its own after it last renewed its lease (every second);\nanother instance takes them over after that")
 	fs.DurationVar(&c.maxQueueWait, "max-queue-wait", 5*time.Second, "longest a new callback's ids may wait for a fetch slot, at the fetch rate measured now; past it, callbacks get 503 with Retry-After (capped at 5/6 of -ttl)")
@@ -215,10 +220,40 @@ func parseConfig(args []string, getenv func(string) string, out io.Writer) (conf
 		}
 		return "-" + flagName
 	}
+	c.maxMemory = int64(memory)
 	if err := c.validate(fs, name); err != nil {
 		return c, usageError{err}
 	}
+	if err := c.deriveBacklog(name); err != nil {
+		return c, usageError{err}
+	}
 	return c, nil
+}
+
+// deriveBacklog sets the backlog bounds not given (0) from -max-memory. It
+// plans with the fetch slots the descriptor budget will leave (budget.go):
+// -max-inflight, unless the open-file limit lowers it.
+func (c *config) deriveBacklog(name settingName) error {
+	if c.maxBacklog > 0 && c.maxBacklogIDs > 0 {
+		return nil
+	}
+	nofile, _ := openFileLimit() // on error, the usual limit: fewer slots, a larger backlog, as fitFDBudget will choose
+	inflight := planFDBudget(nofile, c.dbConns, c.maxInflight, c.maxConns).fetch
+	b, err := planBacklog(c.maxMemory, inflight)
+	if err != nil {
+		example := "-max-memory " + formatBytes(minBudgetFor(inflight))
+		if n := name("max-memory"); n != "-max-memory" {
+			example = envName("max-memory") + "=" + formatBytes(minBudgetFor(inflight))
+		}
+		return fmt.Errorf("%s %q: %w; for example %s", name("max-memory"), formatBytes(c.maxMemory), err, example)
+	}
+	if c.maxBacklog == 0 {
+		c.maxBacklog = b.callbacks
+	}
+	if c.maxBacklogIDs == 0 {
+		c.maxBacklogIDs = b.ids
+	}
+	return nil
 }
 
 func printUsage(fs *flag.FlagSet, out io.Writer) {
@@ -255,9 +290,10 @@ func (c config) validate(fs *flag.FlagSet, name settingName) error {
 	check(c.maxIDs > 0, "max-ids", "must be positive")
 	check(c.maxBody > 0, "max-body", "must be positive")
 	check(c.grace >= 0, "grace", "must not be negative")
-	check(c.maxBacklog > 0, "max-backlog", "must be positive")
-	check(c.maxBacklogIDs > 0, "max-backlog-ids", "must be positive")
-	check(c.journalTimeout > 0 && c.journalTimeout < time.Second, "journal-timeout", "must be between 0 and 1s (the sender gives up after 1s)")
+	check(c.maxBacklog >= 0, "max-backlog", "must not be negative (0: derived from -max-memory)")
+	check(c.maxBacklogIDs >= 0, "max-backlog-ids", "must not be negative (0: derived from -max-memory)")
+	check(c.maxMemory >= minMemoryBudget, "max-memory", "must be at least "+formatBytes(minMemoryBudget))
+	check(c.journalTimeout > 0 && c.journalTimeout < answerBy, "journal-timeout", "must be between 0 and "+answerBy.String()+" (the latest answer; the spill needs the rest of it)")
 	check(c.spillDir != "", "spill-dir", "must not be empty")
 	check(c.lease >= time.Second, "lease", "must be at least 1s")
 	check(c.fetchTimeout > 0, "fetch-timeout", "must be positive")

@@ -94,6 +94,43 @@ func TestCallbackAcceptedWithoutDatabase(t *testing.T) {
 	eventually(t, landWithin, "both ids fetched", func() bool { return up.count(1) == 1 && up.count(2) == 1 })
 }
 
+// A callback whose spill fsync does not come by the answer deadline (a
+// starved machine, a slow disk) gets a 503 with Retry-After: never a 2xx
+// without a durable record, nor one after the sender's 1s. Its work goes
+// on.
+func TestSpillTooSlowAnswers503(t *testing.T) {
+	up := newUpstream(t, 0, nil)
+	p := testApp(t, testConfig(t, "-upstream", up.URL), nil)
+	runFetchQueue(t, p.fetcher)
+	p.db.setUp(errors.New("connection refused"))
+	p.spill.mu.Lock() // the spill writer blocks before its write: no fsync comes
+	locked := true
+	t.Cleanup(func() {
+		if locked {
+			p.spill.mu.Unlock()
+		}
+	})
+	start := time.Now()
+	rec := httptest.NewRecorder()
+	p.handler().ServeHTTP(rec, httptest.NewRequest("POST", "/callback", strings.NewReader(`{"object_ids":[1,2]}`)))
+	took := time.Since(start)
+	if rec.Code != http.StatusServiceUnavailable || rec.Header().Get("Retry-After") == "" {
+		t.Fatalf("status %d (%s), Retry-After %q: want 503 with Retry-After", rec.Code, rec.Body, rec.Header().Get("Retry-After"))
+	}
+	if took < answerBy {
+		t.Errorf("answered after %s, before the answer deadline (%s): the spill had time left", took, answerBy)
+	}
+	if got := p.metrics.callbacksShed.Value("not_durable"); got != 1 {
+		t.Errorf("shed not_durable %d, want 1", got)
+	}
+	if got := p.metrics.journalFailures.Value(); got != 0 {
+		t.Errorf("journal failures %d, want 0 (no 2xx went out)", got)
+	}
+	p.spill.mu.Unlock()
+	locked = false
+	eventually(t, landWithin, "both ids fetched", func() bool { return up.count(1) == 1 && up.count(2) == 1 })
+}
+
 func TestBacklogFullAnswers503(t *testing.T) {
 	up := newUpstream(t, time.Hour, nil) // lookups never finish: callbacks stay in memory
 	p := testApp(t, testConfig(t, "-upstream", up.URL, "-max-backlog", "3"), nil)

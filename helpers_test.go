@@ -220,12 +220,36 @@ func (u *upstream) peakInflight() int {
 // freeAddr finds a loopback port nobody listens on.
 func freeAddr(t testing.TB) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("listen: %v", err)
+	// Below the kernel's ephemeral range: an address handed out here is
+	// listened on later (by a subprocess, or again by the database proxy
+	// after an outage), and a port from the ephemeral range may be taken
+	// meanwhile by any outgoing connection on the machine.
+	low := ephemeralLow()
+	for range 1000 {
+		addr := fmt.Sprintf("127.0.0.1:%d", 10000+rand.IntN(low-10000))
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			continue
+		}
+		ln.Close()
+		return addr
 	}
-	defer ln.Close()
-	return ln.Addr().String()
+	t.Fatalf("no free port below %d", low)
+	return ""
+}
+
+// ephemeralLow is the bottom of the kernel's ephemeral port range (32768
+// when it cannot be read), at least 12000.
+func ephemeralLow() int {
+	low := 32768
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		if f := strings.Fields(string(b)); len(f) > 0 {
+			if n, err := strconv.Atoi(f[0]); err == nil {
+				low = n
+			}
+		}
+	}
+	return max(low, 12000)
 }
 
 // syncBuffer collects a service's log output safely across goroutines.

@@ -91,6 +91,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	}
 	log := newLogger(cfg, stdout)
 	cfg = fitFDBudget(cfg, log)
+	applyMemoryBudget(cfg, getenv, log)
 	a, err := newApp(cfg, log, nil)
 	if err != nil {
 		return err

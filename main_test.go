@@ -45,6 +45,7 @@ func TestBadConfigurationIsReported(t *testing.T) {
 		{"bad upstream", []string{"-dsn", "x", "-upstream", "localhost:9010"}, nil, "-upstream"},
 		{"zero inflight", []string{"-dsn", "x", "-max-inflight", "0"}, nil, "-max-inflight"},
 		{"slow journal", []string{"-dsn", "x", "-journal-timeout", "2s"}, nil, "-journal-timeout"},
+		{"journal leaves the spill no time", []string{"-dsn", "x", "-journal-timeout", "800ms"}, nil, "-journal-timeout"},
 		{"log format", []string{"-dsn", "x", "-log-format", "xml"}, nil, "-log-format"},
 		{"stray argument", []string{"-dsn", "x", "extra"}, nil, "unexpected arguments"},
 		{"healthcheck path", []string{"-healthcheck", "-healthcheck-path", "readyz"}, nil, "-healthcheck-path"},

@@ -79,7 +79,7 @@ type exported struct {
 // Label values are fixed up front, so a bad value is a bug, not a new series.
 var (
 	rejectReasons = []string{"bad_method", "bad_json", "bad_id", "too_many_ids", "body_too_large"}
-	shedReasons   = []string{"backlog_full", "queue_wait", "busy"}
+	shedReasons   = []string{"backlog_full", "queue_wait", "busy", "not_durable"}
 	fetchOutcomes = []string{outcomeOnline, outcomeOffline, outcomeStatus, outcomeBody, outcomeWrongID, outcomeTransport, outcomeTimeout, outcomePanic}
 	dbOps         = []string{"schema", "ping", "journal", "apply", "reap", "renew", "claim", "expire", "park", "depth"}
 )

@@ -65,13 +65,12 @@ const (
 	durableMemory   = "memory"   // neither store took it in time: a crash loses it
 )
 
-// spillTimeout bounds the wait for a spill fsync. An fsync takes
-// milliseconds, but on a starved machine the writer may not run for a
-// while, and a 2xx must not go out before the record is durable: an answer
-// past the sender's 1s reaches no one and costs nothing, one without a
-// record may lose the callback. A disk that has not answered in 2s is
-// failing, and the callback is then answered from memory (counted).
-const spillTimeout = 2 * time.Second
+// answerBy bounds the time from receipt to the answer. The sender gives up
+// 1s after it sent, so an answer later than that reaches no one: a 2xx
+// then is a promise nobody heard, and the sender's retry finds the service
+// busier. A callback whose durable record is not there by answerBy gets a
+// 503 with Retry-After instead (its work goes on, harmlessly twice).
+const answerBy = 800 * time.Millisecond
 
 // accept takes a callback received at receivedAt into the pipeline: admit
 // (or errBacklogFull, or *overloaded when its new ids could not be fetched
@@ -92,23 +91,36 @@ func (p *pipeline) accept(receivedAt time.Time, objectIDs []int64) (accepted, er
 	journaled := p.journal(cb)
 	durable := durablePostgres
 	if !journaled {
-		durable = p.spillOne(cb)
+		durable = p.spillOne(cb, receivedAt.Add(answerBy))
 	}
 	if durable == durableMemory {
 		p.metrics.journalFailures.Inc()
 		p.warnMemoryOnly()
 	}
 	p.start(cb)
+	if durable == "" {
+		return accepted{}, &overloaded{reason: "not_durable", retryAfter: time.Second}
+	}
 	return accepted{journalID: cb.journalID, journaled: journaled, durable: durable}, nil
 }
 
 // spillOne makes cb durable in the local spill, for when its journal row
 // was not committed by the answer deadline (PostgreSQL down or slow). The
-// answer waits for the fsync; the PostgreSQL write, if any, goes on.
-func (p *pipeline) spillOne(cb *callback) string {
-	ctx, cancel := context.WithTimeout(context.Background(), spillTimeout)
+// answer waits for the fsync until answerAt; the PostgreSQL write, if any,
+// goes on. It returns "" when neither record is there by answerAt (a
+// starved machine or a slow disk): the callback must not get a 2xx, while
+// the record may still come. A spill that fails outright (a broken disk)
+// leaves memory only, counted.
+func (p *pipeline) spillOne(cb *callback, answerAt time.Time) string {
+	ctx, cancel := context.WithDeadline(context.Background(), answerAt)
 	defer cancel()
 	if err := p.spill.append(ctx, cb.journalRow()); err != nil {
+		if cb.journaled() { // the row committed meanwhile
+			return durablePostgres
+		}
+		if errors.Is(err, context.DeadlineExceeded) {
+			return ""
+		}
 		p.guard.warn("could not spill a callback; answering it from memory only", "err", err)
 		return durableMemory
 	}

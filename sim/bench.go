@@ -15,7 +15,9 @@ package main
 // to shed (answer 503 at once) rather than fail, so an overload row is not
 // judged by whether it held but by overload targets: nothing acknowledged
 // lost, few callbacks left without an answer, and the accepted rate close
-// to what held.
+// to what held. Then the closed-loop row (closed.go): the service's accepted
+// callbacks per second under a closed-loop duplicate-heavy sender against a
+// decode-and-202 server's, in its own table (-closed-loop-only runs it alone).
 //
 //	go build -o bin/objtrack . && go build -o bin/sim ./sim
 //	scripts/with-postgres bin/sim -mode bench -service bin/objtrack
@@ -41,6 +43,8 @@ const benchDuration = 30 * time.Second
 const (
 	metricFetches         = "objtrack_fetches_total"
 	metricFetchesInFlight = "objtrack_fetches_in_flight"
+	metricSpilled         = "objtrack_spill_appended_total"
+	metricJournalFailures = "objtrack_journal_failures_total"
 )
 
 // benchLoad is one row of a table: run-mode flags and what must hold.
@@ -107,9 +111,13 @@ type benchResult struct {
 	cpuPer1000 float64
 	fetchRate  float64 // steady-state fetches per second, from /metrics
 	peakFlight int64
-	held       bool
-	note       string
-	targets    []target // overload and edge rows only, instead of held and note
+	// The spill's part: callbacks fsynced to the spill because their
+	// journal commit missed -journal-timeout, and 2xx answers with
+	// neither record.
+	spilled, journalFailures float64
+	held                     bool
+	note                     string
+	targets                  []target // overload and edge rows only, instead of held and note
 	// For the edge rows: go_goroutines before the load and during it, and
 	// the WARN lines saying the object service is not answering.
 	idleGoroutines float64
@@ -225,6 +233,17 @@ func (b *bencher) run(ctx context.Context, l benchLoad) (benchResult, error) {
 	return r, nil
 }
 
+// closed runs the closed-loop row (closed.go).
+func (b *bencher) closed(ctx context.Context) (*closedResult, error) {
+	fmt.Fprintf(b.stderr, "sim: bench: closed loop, %d senders ...\n", b.c.closedConcurrency)
+	r, err := measureClosed(ctx, b.c, b.self, b.stderr)
+	if err != nil {
+		return nil, fmt.Errorf("closed loop: %w", err)
+	}
+	fmt.Fprintf(b.stderr, "sim: bench: closed loop: %.0f/s against %.0f/s, %.0f%%\n", r.service.AcceptedPerSec, r.baselineRate(), 100*r.ratio())
+	return &r, nil
+}
+
 // steps runs the load of one kind at each rate in turn until one does not
 // hold, and returns the last one that held (nil if none did).
 func (b *bencher) steps(ctx context.Context, rates []float64, unique bool) (*benchResult, error) {
@@ -251,6 +270,14 @@ func bench(ctx context.Context, c config, stdout, stderr io.Writer) error {
 		return fmt.Errorf("find this program to run it: %w", err)
 	}
 	b := &bencher{c: c, self: self, stderr: stderr}
+	if c.closedOnly {
+		r, err := b.closed(ctx)
+		if err != nil {
+			return err
+		}
+		printClosedTable(stdout, r)
+		return nil
+	}
 	if _, err := b.run(ctx, referenceLoad(c)); err != nil {
 		return err
 	}
@@ -278,6 +305,13 @@ func bench(ctx context.Context, c config, stdout, stderr io.Writer) error {
 		}
 	}
 
+	var closed *closedResult
+	if c.closedLoop {
+		if closed, err = b.closed(ctx); err != nil {
+			return err
+		}
+	}
+
 	var ceiling benchSummary
 	if bestUnique != nil {
 		fmt.Fprintf(stderr, "sim: bench: ceiling at concurrency %d ...\n", bestUnique.peakFlight)
@@ -292,7 +326,9 @@ func bench(ctx context.Context, c config, stdout, stderr io.Writer) error {
 	}
 	printBenchTable(stdout, b.results, bestDup, bestUnique, ceiling)
 	printOverloadTable(stdout, b.results, skipped)
+	printClosedTable(stdout, closed)
 	printEdgeTable(stdout, b.results, edgeSkipped)
+	printSpillLine(stdout, b.results)
 	return nil
 }
 
@@ -306,17 +342,27 @@ func (r benchResult) verdict() string {
 	return "did not hold: " + r.note
 }
 
-// measure runs one load against a fresh service process.
-func measure(ctx context.Context, c config, self string, l benchLoad, stderr io.Writer) (benchResult, error) {
-	res := benchResult{benchLoad: l}
+// freshService empties the tables and starts the service under test, with
+// an object-service address of its own, for one measured load.
+func freshService(c config) (*serviceProc, string, error) {
 	if err := resetTables(c.dsn); err != nil {
-		return res, err
+		return nil, "", err
 	}
 	simAddr, err := freeAddr()
 	if err != nil {
-		return res, err
+		return nil, "", err
 	}
 	svc, err := startService(c.service, simAddr, c.dsn)
+	if err != nil {
+		return nil, "", err
+	}
+	return svc, simAddr, nil
+}
+
+// measure runs one load against a fresh service process.
+func measure(ctx context.Context, c config, self string, l benchLoad, stderr io.Writer) (benchResult, error) {
+	res := benchResult{benchLoad: l}
+	svc, simAddr, err := freshService(c)
 	if err != nil {
 		return res, err
 	}
@@ -380,7 +426,10 @@ func measure(ctx context.Context, c config, self string, l benchLoad, stderr io.
 	}
 	res.sum = sum
 	cpu := cpuSeconds(pid) - cpu0
-	fetches := scrape(svc.base).sum(metricFetches) - fetches0
+	m1 := scrape(svc.base)
+	fetches := m1.sum(metricFetches) - fetches0
+	res.spilled = m1[metricSpilled] - m0[metricSpilled]
+	res.journalFailures = m1[metricJournalFailures] - m0[metricJournalFailures]
 	if fetches > 0 {
 		res.cpuPer1000 = cpu / fetches * 1000
 	}
@@ -564,6 +613,17 @@ func printBenchTable(w io.Writer, results []benchResult, bestDup, bestUnique *be
 	fmt.Fprintln(w, "req/id = upstream requests per id sent; req/s = upstream requests per second over the run;")
 	fmt.Fprintln(w, "fetch/s = the service's fetches per second while sending (after 5 s); RSS = peak resident set of the service;")
 	fmt.Fprintln(w, "cpu/1k = service CPU seconds per 1000 fetches; catch-up = last callback to an exact table.")
+}
+
+// printSpillLine says what the spill cost each row: callbacks spilled
+// (their journal commit was late) and 2xx answers with neither record.
+func printSpillLine(w io.Writer, results []benchResult) {
+	var rows []string
+	for _, r := range results {
+		rows = append(rows, fmt.Sprintf("%s %.0f/%.0f", r.name, r.spilled, r.journalFailures))
+	}
+	fmt.Fprintf(w, "\nspill (callbacks spilled because their journal commit was late / 2xx with neither record), per row: %s\n",
+		strings.Join(rows, ", "))
 }
 
 // printOverloadTable prints the overload rows of results, each followed by

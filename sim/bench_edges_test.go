@@ -79,3 +79,17 @@ func TestEdgeTargets(t *testing.T) {
 		}
 	}
 }
+
+// The spill line names every row with its spilled callbacks and its 2xx
+// answers without a record.
+func TestPrintSpillLine(t *testing.T) {
+	var b strings.Builder
+	printSpillLine(&b, []benchResult{
+		{benchLoad: benchLoad{name: "dup-heavy 200/s"}},
+		{benchLoad: benchLoad{name: "retrying 20/s"}, spilled: 12, journalFailures: 1},
+	})
+	want := "dup-heavy 200/s 0/0, retrying 20/s 12/1\n"
+	if !strings.HasSuffix(b.String(), want) {
+		t.Errorf("spill line %q, want it to end %q", b.String(), want)
+	}
+}

@@ -84,10 +84,14 @@ type config struct {
 	edges        bool
 	deadFor      time.Duration
 	edgeCapacity float64
+	// the closed-loop row (closed.go)
+	closedLoop        bool
+	closedOnly        bool
+	closedConcurrency int
 }
 
 // modes are the values of -mode.
-var modes = []string{"run", "upstream", "ceiling", "bench", "flood"}
+var modes = []string{"run", "upstream", "ceiling", "bench", "flood", "closed", "baseline"}
 
 func main() {
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
@@ -107,8 +111,11 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 		"highest rate that held), drive it with this program in run mode, then measure\n"+
 		"the ceiling at the service's peak fetch concurrency, and print two tables; it\n"+
 		"needs -dsn and reads only -service, -dsn, -duration, -ref-duration, -dup-rates,\n"+
-		"-unique-rates, -edges, -edge-capacity and -dead-for;\n"+
-		"flood: hold -flood-conns idle keep-alive connections to the service")
+		"-unique-rates, -edges, -edge-capacity, -dead-for and the -closed-* flags;\n"+
+		"flood: hold -flood-conns idle keep-alive connections to the service;\n"+
+		"closed: -concurrency senders each posting the next callback (200 ids from 0-99, one\n"+
+		"body) as soon as the last is answered, for -duration, serving the object service;\n"+
+		"baseline: answer POST /callback on -listen with 202 after decoding it as the service does")
 	fs.StringVar(&c.target, "target", "http://localhost:9090/callback", "the service's callback URL, or several separated by commas: callbacks go to them in turn\n(round robin, as a load balancer in front of several instances would send them)")
 	fs.StringVar(&c.listen, "listen", "localhost:9010", "address of the simulated object service (empty: do not serve it)")
 	fs.StringVar(&c.dsn, "dsn", os.Getenv("DATABASE_URL"), "PostgreSQL DSN to check the objects table in (default $DATABASE_URL; empty: no table checks);\nbench mode: required, and its objects and callback_journal tables are emptied before each load")
@@ -160,6 +167,9 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.BoolVar(&c.edges, "edges", true, "bench mode: after the overload rows, run the edge-case rows: flaky (25% 500s), dead (every answer 500 for\n-dead-for) and a retrying sender (see bench_edges.go)")
 	fs.Float64Var(&c.edgeCapacity, "edge-capacity", 0, "bench mode: the unique capacity (callbacks/s of 200 ids) the flaky and retrying rows scale from\n(0: the highest unique rate that held in this run)")
 	fs.DurationVar(&c.deadFor, "dead-for", 60*time.Second, "bench mode: how long the dead row's object service answers every request 500")
+	fs.BoolVar(&c.closedLoop, "closed-loop", true, "bench mode: after the overload rows, run the closed-loop duplicate-heavy row: -closed-concurrency senders\nagainst a decode-and-202 server, then against the service (see closed.go)")
+	fs.BoolVar(&c.closedOnly, "closed-loop-only", false, "bench mode: run only the closed-loop row (with a short -duration: a quick check)")
+	fs.IntVar(&c.closedConcurrency, "closed-concurrency", 200, "bench mode: concurrent senders of the closed-loop row")
 	dupRates := fs.String("dup-rates", "200,2000,4000", "bench mode: callback rates to step through for the duplicate-heavy load, until one does not hold")
 	if err := fs.Parse(args); err != nil {
 		return c, err
@@ -197,8 +207,8 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 		return c, errors.New("-latency-min and -latency-max must satisfy 0 <= min <= max")
 	case c.faults.status500 < 0 || c.faults.garbage < 0 || c.faults.wrongID < 0 || c.faults.hang < 0 || c.faults.drop < 0 || c.faults.total() > 1:
 		return c, errors.New("fault fractions must be >= 0 and add up to at most 1")
-	case c.concurrency <= 0:
-		return c, errors.New("-concurrency must be positive")
+	case c.concurrency <= 0 || c.closedConcurrency <= 0:
+		return c, errors.New("-concurrency and -closed-concurrency must be positive")
 	case c.poll <= 0 || c.timeout <= 0 || c.ttl <= 0:
 		return c, errors.New("-poll, -timeout and -ttl must be positive")
 	case c.retryFor < 0 || c.outageAfter < 0 || c.outageFor < 0 || c.deadFor <= 0 || c.edgeCapacity < 0:
@@ -267,9 +277,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
 	go func() {
 		<-sigs
-		if c.mode == "upstream" {
+		switch c.mode {
+		case "upstream":
 			fmt.Fprintln(stderr, "sim: interrupted: stopping the object service")
-		} else {
+		case "baseline":
+			fmt.Fprintln(stderr, "sim: interrupted: stopping the baseline server")
+		default:
 			fmt.Fprintln(stderr, "sim: interrupted: no more callbacks; final checks (interrupt again to skip them)")
 		}
 		stopSending()
@@ -292,6 +305,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 0
 	case "flood":
 		return runFlood(sendCtx, c, stdout, stderr)
+	case "closed":
+		return runClosedMode(sendCtx, c, objects, stdout, stderr)
+	case "baseline":
+		return runBaselineMode(sendCtx, c, stderr)
 	case "ceiling":
 		return runCeiling(ctx, c, objects, stdout, stderr)
 	}
