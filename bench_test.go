@@ -128,6 +128,21 @@ func BenchmarkApply(b *testing.B) {
 	}
 }
 
+// lookupNewIDs looks up a callback of n ids never seen before (numbered on
+// from *next) and waits for all of its lookups.
+func lookupNewIDs(p *app, next *int64, n int) *callback {
+	ids := make([]int64, n)
+	for i := range ids {
+		*next++
+		ids[i] = *next
+	}
+	cb := newCallback(time.Now(), ids)
+	var wg sync.WaitGroup
+	p.fetcher.lookupAll(context.Background(), cb, &wg)
+	wg.Wait()
+	return cb
+}
+
 // BenchmarkLookup is the fetch path with the network taken out: a callback
 // of 200 new ids through the semaphore, the flights and the answer check.
 func BenchmarkLookup(b *testing.B) {
@@ -135,15 +150,7 @@ func BenchmarkLookup(b *testing.B) {
 	next := int64(0)
 	b.ReportAllocs()
 	for b.Loop() {
-		ids := make([]int64, 200)
-		for i := range ids {
-			next++
-			ids[i] = next
-		}
-		cb := newCallback(time.Now(), ids)
-		var wg sync.WaitGroup
-		p.fetcher.lookupAll(context.Background(), cb, &wg)
-		wg.Wait()
+		lookupNewIDs(p, &next, 200)
 	}
 	b.ReportMetric(float64(200*b.N)/b.Elapsed().Seconds(), "fetches/s")
 }
@@ -275,18 +282,10 @@ func BenchmarkFetchLoopback(b *testing.B) {
 		b.ReportAllocs()
 		cpu0 := cpuTime(b)
 		for b.Loop() {
-			ids := make([]int64, batch)
-			for i := range ids {
-				next++
-				ids[i] = next
-			}
-			cb := newCallback(time.Now(), ids)
-			var wg sync.WaitGroup
-			p.fetcher.lookupAll(context.Background(), cb, &wg)
-			wg.Wait()
+			cb := lookupNewIDs(p, &next, batch)
 			for i := range cb.results {
 				if r := result(cb.results[i].Load()); r != resultOnline && r != resultOffline {
-					b.Fatalf("id %d: result %d", ids[i], r)
+					b.Fatalf("id %d: result %d", cb.objectIDs[i], r)
 				}
 			}
 		}

@@ -67,13 +67,7 @@ func closedBody() []byte {
 // answer (or timeout) to its callback before the next, and returns the
 // counts and the time spent.
 func runClosed(ctx context.Context, target string, n int, d, timeout time.Duration) (*closedLoop, time.Duration) {
-	tr := &http.Transport{
-		MaxConnsPerHost:     n,
-		MaxIdleConns:        n,
-		MaxIdleConnsPerHost: n,
-		IdleConnTimeout:     90 * time.Second,
-		DialContext:         (&net.Dialer{Timeout: timeout}).DialContext,
-	}
+	tr := senderTransport(n, timeout)
 	defer tr.CloseIdleConnections()
 	client := &http.Client{Transport: tr, Timeout: timeout}
 	body := closedBody()

@@ -77,13 +77,7 @@ func newSender(targets []string, timeout time.Duration) *sender {
 	s := &sender{targets: targets, timeout: timeout}
 	for range senderShards {
 		per := senderConns / senderShards
-		tr := &http.Transport{
-			MaxConnsPerHost:     per,
-			MaxIdleConns:        per,
-			MaxIdleConnsPerHost: per,
-			IdleConnTimeout:     90 * time.Second,
-			DialContext:         (&net.Dialer{Timeout: timeout}).DialContext,
-		}
+		tr := senderTransport(per, timeout)
 		s.clients = append(s.clients, &http.Client{Transport: tr, Timeout: timeout})
 	}
 	return s
@@ -344,4 +338,16 @@ func dedupe(ids []int64) []int64 {
 	out := slices.Clone(ids)
 	slices.Sort(out)
 	return slices.Compact(out)
+}
+
+// senderTransport is a sender's transport: n connections to the target at
+// most, all of them kept idle between callbacks, dials bounded by timeout.
+func senderTransport(n int, timeout time.Duration) *http.Transport {
+	return &http.Transport{
+		MaxConnsPerHost:     n,
+		MaxIdleConns:        n,
+		MaxIdleConnsPerHost: n,
+		IdleConnTimeout:     90 * time.Second,
+		DialContext:         (&net.Dialer{Timeout: timeout}).DialContext,
+	}
 }
