@@ -69,10 +69,10 @@ func (k *journalKeeper) round(ctx context.Context) {
 	k.pipe.spillMoved()
 	now := time.Now()
 	if err := k.store.renewLease(ctx, now.Add(k.lease)); err != nil {
-		k.guard.warn("renewing the journal lease failed", "err", err)
+		k.warn(ctx, "renewing the journal lease failed", err)
 	}
 	if n, err := k.store.dropExpired(ctx, now.Add(-k.ttl)); err != nil {
-		k.guard.warn("dropping expired journal rows failed", "err", err)
+		k.warn(ctx, "dropping expired journal rows failed", err)
 	} else if n > 0 {
 		k.metrics.journalExpired.Add(uint64(n))
 		k.log.Warn("dropped journal rows older than the TTL", "rows", n)
@@ -80,7 +80,7 @@ func (k *journalKeeper) round(ctx context.Context) {
 	if room := min(k.pipe.room(), maxClaim); room > 0 {
 		rows, err := k.store.claim(ctx, now, now.Add(k.lease), now.Add(-k.ttl), room)
 		if err != nil {
-			k.guard.warn("taking over journal rows failed", "err", err)
+			k.warn(ctx, "taking over journal rows failed", err)
 		}
 		if n := k.pipe.resume(rows); n > 0 {
 			k.metrics.journalReplayed.Add(uint64(n))
@@ -94,10 +94,21 @@ func (k *journalKeeper) round(ctx context.Context) {
 			k.metrics.journalDepth.Set(n)
 		}
 		if err := k.store.forgetOwners(ctx, now.Add(-k.ttl)); err != nil {
-			k.guard.warn("forgetting old journal owners failed", "err", err)
+			k.warn(ctx, "forgetting old journal owners failed", err)
 		}
 	}
 	k.rounds++
+}
+
+// warn logs a failed step of a round, unless shutdown cancelled the round:
+// that is not a fault, and the next instance's keeper picks up the rows.
+// (The round's own timeout ends its context with DeadlineExceeded, which is
+// a fault and is logged.)
+func (k *journalKeeper) warn(ctx context.Context, msg string, err error) {
+	if ctx.Err() == context.Canceled {
+		return
+	}
+	k.guard.warn(msg, "err", err)
 }
 
 // rejournal writes the journal rows of the callbacks accepted into memory
@@ -108,7 +119,9 @@ func (k *journalKeeper) rejournal(ctx context.Context) {
 	for start := 0; start < len(cbs); start += journalBatch {
 		chunk := cbs[start:min(start+journalBatch, len(cbs))]
 		if err := k.writeRows(ctx, chunk); err != nil {
-			k.guard.warn("journaling callbacks held in memory failed; will retry", "callbacks", len(cbs)-start, "err", err)
+			if ctx.Err() != context.Canceled {
+				k.guard.warn("journaling callbacks held in memory failed; will retry", "callbacks", len(cbs)-start, "err", err)
+			}
 			for _, cb := range cbs[start+len(chunk):] {
 				cb.endJournal(false)
 			}

@@ -1,7 +1,10 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"log/slog"
+	"strings"
 	"testing"
 	"time"
 )
@@ -36,5 +39,33 @@ func TestKeeperRenewsTheOwnersLease(t *testing.T) {
 	}
 	if _, ok := leases[gone.owner]; ok {
 		t.Errorf("the lease of an instance gone for a minute is still there")
+	}
+}
+
+// A round that shutdown cancels fails every step; that is not a fault and
+// logs no warning (make demo used to end with two). A round that runs out of
+// its own time is a fault and is logged.
+func TestKeeperRoundWarnsOnFaultsNotOnShutdown(t *testing.T) {
+	cancelled, cancel := context.WithCancel(context.Background())
+	cancel()
+	timedOut, cancel2 := context.WithDeadline(context.Background(), time.Now().Add(-time.Second))
+	defer cancel2()
+	for _, tc := range []struct {
+		name string
+		ctx  context.Context
+		warn bool
+	}{
+		{"shutdown", cancelled, false},
+		{"timed out", timedOut, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a := dbApp(t)
+			var logs bytes.Buffer
+			a.keeper.guard = &guard{log: slog.New(slog.NewTextHandler(&logs, nil)), metrics: a.metrics}
+			a.keeper.round(tc.ctx)
+			if got := strings.Contains(logs.String(), "level=WARN"); got != tc.warn {
+				t.Errorf("warned: %v, want %v; log:\n%s", got, tc.warn, logs.String())
+			}
+		})
 	}
 }
