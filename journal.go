@@ -69,10 +69,10 @@ func (k *journalKeeper) round(ctx context.Context) {
 	k.pipe.spillMoved()
 	now := time.Now()
 	if err := k.store.renewLease(ctx, now.Add(k.lease)); err != nil {
-		k.warn(ctx, "renewing the journal lease failed", err)
+		k.warn(ctx, "renewing the journal lease failed", "err", err)
 	}
 	if n, err := k.store.dropExpired(ctx, now.Add(-k.ttl)); err != nil {
-		k.warn(ctx, "dropping expired journal rows failed", err)
+		k.warn(ctx, "dropping expired journal rows failed", "err", err)
 	} else if n > 0 {
 		k.metrics.journalExpired.Add(uint64(n))
 		k.log.Warn("dropped journal rows older than the TTL", "rows", n)
@@ -80,7 +80,7 @@ func (k *journalKeeper) round(ctx context.Context) {
 	if room := min(k.pipe.room(), maxClaim); room > 0 {
 		rows, err := k.store.claim(ctx, now, now.Add(k.lease), now.Add(-k.ttl), room)
 		if err != nil {
-			k.warn(ctx, "taking over journal rows failed", err)
+			k.warn(ctx, "taking over journal rows failed", "err", err)
 		}
 		if n := k.pipe.resume(rows); n > 0 {
 			k.metrics.journalReplayed.Add(uint64(n))
@@ -94,7 +94,7 @@ func (k *journalKeeper) round(ctx context.Context) {
 			k.metrics.journalDepth.Set(n)
 		}
 		if err := k.store.forgetOwners(ctx, now.Add(-k.ttl)); err != nil {
-			k.warn(ctx, "forgetting old journal owners failed", err)
+			k.warn(ctx, "forgetting old journal owners failed", "err", err)
 		}
 	}
 	k.rounds++
@@ -104,11 +104,11 @@ func (k *journalKeeper) round(ctx context.Context) {
 // that is not a fault, and the next instance's keeper picks up the rows.
 // (The round's own timeout ends its context with DeadlineExceeded, which is
 // a fault and is logged.)
-func (k *journalKeeper) warn(ctx context.Context, msg string, err error) {
+func (k *journalKeeper) warn(ctx context.Context, msg string, args ...any) {
 	if ctx.Err() == context.Canceled {
 		return
 	}
-	k.guard.warn(msg, "err", err)
+	k.guard.warn(msg, args...)
 }
 
 // rejournal writes the journal rows of the callbacks accepted into memory
@@ -119,9 +119,7 @@ func (k *journalKeeper) rejournal(ctx context.Context) {
 	for start := 0; start < len(cbs); start += journalBatch {
 		chunk := cbs[start:min(start+journalBatch, len(cbs))]
 		if err := k.writeRows(ctx, chunk); err != nil {
-			if ctx.Err() != context.Canceled {
-				k.guard.warn("journaling callbacks held in memory failed; will retry", "callbacks", len(cbs)-start, "err", err)
-			}
+			k.warn(ctx, "journaling callbacks held in memory failed; will retry", "callbacks", len(cbs)-start, "err", err)
 			for _, cb := range cbs[start+len(chunk):] {
 				cb.endJournal(false)
 			}
