@@ -139,9 +139,10 @@ func openSpill(dir string, ttl time.Duration, log *slog.Logger, m *metrics, g *g
 		return nil, spillReplay{}, err
 	}
 	s.publish()
+	segments := len(s.segs) // read before run owns s.segs
 	go s.run()
 	abs, _ := filepath.Abs(dir)
-	log.Info("spill journal open", "dir", abs, "segments", len(s.segs), "records", len(rep.rows))
+	log.Info("spill journal open", "dir", abs, "segments", segments, "records", len(rep.rows))
 	return s, rep, nil
 }
 
