@@ -138,7 +138,8 @@ func lookupNewIDs(p *app, next *int64, n int) *callback {
 	}
 	cb := newCallback(time.Now(), ids)
 	var wg sync.WaitGroup
-	p.fetcher.lookupAll(context.Background(), cb, &wg)
+	wg.Add(1)
+	p.fetcher.lookupAll(context.Background(), cb, wg.Done)
 	wg.Wait()
 	return cb
 }

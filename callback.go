@@ -32,9 +32,18 @@ type callback struct {
 	jwait    chan struct{} // closed when a write in progress ends
 	answered bool          // the handler answered while the write was in progress
 
-	// results[i] is set once, by the lookup of objectIDs[i], which has
-	// written the row when the result is online.
-	results []atomic.Uint32
+	// Its lookups (fetcher.lookupAll): flights[i] answers objectIDs[i],
+	// and results[i] is what it answered (online once the row is written).
+	// next is the first id without a result: the callback waits on that
+	// flight alone, and whoever settles it moves next on (advance).
+	// whenDone is called once every id has its result. finishing is
+	// claimed once, by whoever finishes the callback (pipeline.finish, or
+	// the recovery after a panic in lookupAll).
+	flights   []*flight
+	next      int
+	results   []atomic.Uint32
+	whenDone  func()
+	finishing atomic.Bool
 }
 
 func newCallback(receivedAt time.Time, objectIDs []int64) *callback {
@@ -58,6 +67,9 @@ const (
 )
 
 func (cb *callback) result(i int) result { return result(cb.results[i].Load()) }
+
+// claimFinish says whether the caller is the one to finish the callback.
+func (cb *callback) claimFinish() bool { return cb.finishing.CompareAndSwap(false, true) }
 
 // aborted says whether some lookup ended without an answer.
 func (cb *callback) aborted() bool {

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -22,7 +23,8 @@ func resolveAll(f *fetcher, cbs ...*callback) {
 		go func() {
 			defer wg.Done()
 			var lookups sync.WaitGroup
-			f.lookupAll(context.Background(), cb, &lookups)
+			lookups.Add(1)
+			f.lookupAll(context.Background(), cb, lookups.Done)
 			lookups.Wait()
 		}()
 	}
@@ -407,4 +409,69 @@ type countedConn struct {
 func (c *countedConn) Close() error {
 	c.once.Do(func() { c.open.Add(-1) })
 	return c.Conn.Close()
+}
+
+// A callback hears each of its flights' results, whatever order they
+// settle in, and is done exactly once, when the last one has: it waits on
+// one flight at a time (advance), so an order it does not expect must not
+// strand it or finish it early.
+func TestCallbackDoneOnceAfterEveryFlightSettles(t *testing.T) {
+	results := []result{resultOnline, resultOffline, resultExpired, resultOnline, resultOffline}
+	for _, order := range [][]int{{0, 1, 2, 3, 4}, {4, 3, 2, 1, 0}, {2, 0, 4, 1, 3}, {1, 2, 3, 4, 0}} {
+		t.Run(fmt.Sprint(order), func(t *testing.T) {
+			cb := newCallback(time.Now(), []int64{1, 2, 3, 4, 5})
+			cb.flights = make([]*flight, len(cb.objectIDs))
+			for i := range cb.flights {
+				cb.flights[i] = &flight{id: cb.objectIDs[i]}
+			}
+			flights := slices.Clone(cb.flights)
+			done := 0
+			cb.whenDone = func() { done++ }
+			advance(cb)
+			for n, i := range order {
+				if done != 0 {
+					t.Fatalf("done after %d of %d flights settled", n, len(order))
+				}
+				settle(flights[i], results[i])
+			}
+			if done != 1 {
+				t.Fatalf("done %d times, want once", done)
+			}
+			for i, want := range results {
+				if got := cb.result(i); got != want {
+					t.Errorf("id %d: result %d, want %d", cb.objectIDs[i], got, want)
+				}
+			}
+		})
+	}
+	// Many callbacks sharing flights that settle from several goroutines at
+	// once (run with -race): each is done exactly once.
+	flights := make([]*flight, 50)
+	for i := range flights {
+		flights[i] = &flight{id: int64(i)}
+	}
+	var calls atomic.Int64
+	for range 200 {
+		cb := newCallback(time.Now(), make([]int64, 20))
+		cb.flights = make([]*flight, 20)
+		for i := range cb.flights {
+			cb.flights[i] = flights[rand.IntN(len(flights))]
+		}
+		cb.whenDone = func() { calls.Add(1) }
+		advance(cb)
+	}
+	var settlers sync.WaitGroup
+	for g := range 5 {
+		settlers.Go(func() {
+			for i := g; i < len(flights); i += 5 {
+				settle(flights[i], resultOffline)
+			}
+		})
+	}
+	settlers.Wait()
+	// Every flight has settled, so every callback must be done by now,
+	// each exactly once.
+	if n := calls.Load(); n != 200 {
+		t.Errorf("done called %d times for 200 callbacks", n)
+	}
 }

@@ -324,15 +324,27 @@ func (p *pipeline) forget(cb *callback) {
 // stopped says whether the grace period after SIGTERM is over.
 func (p *pipeline) stopped() bool { return p.ctx.Err() != nil }
 
-// start processes an admitted callback in its own goroutine.
+// start begins the lookups of an admitted callback. It does not wait for
+// them: the last lookup to end starts finish in a goroutine of its own.
 func (p *pipeline) start(cb *callback) {
-	go p.process(cb)
+	defer func() {
+		if r := recover(); r != nil {
+			p.guard.panicked("start lookups", r)
+			if cb.claimFinish() {
+				go p.recoverPanicked(cb)
+			}
+		}
+	}()
+	p.fetcher.lookupAll(p.ctx, cb, func() { go p.finish(cb) })
 }
 
-// process looks up every id of cb, which writes the online ones, then
-// deletes cb's journal row; it returns without forgetting cb when shutdown
-// cut it short, so drain can park it.
-func (p *pipeline) process(cb *callback) {
+// finish applies a callback whose lookups have all ended, which has written
+// its online objects, by deleting its journal row; it returns without
+// forgetting cb when shutdown cut it short, so drain can park it.
+func (p *pipeline) finish(cb *callback) {
+	if !cb.claimFinish() {
+		return // its lookups panicked and it is being parked (start)
+	}
 	defer p.wg.Done()
 	defer func() {
 		if r := recover(); r != nil {
@@ -341,10 +353,7 @@ func (p *pipeline) process(cb *callback) {
 		}
 	}()
 	// Every lookup ends, shutdown included: an aborted one is delivered as
-	// resultAborted, so this wait needs no context of its own.
-	var lookups sync.WaitGroup
-	p.fetcher.lookupAll(p.ctx, cb, &lookups)
-	lookups.Wait()
+	// resultAborted.
 	if p.ctx.Err() != nil {
 		return
 	}
@@ -370,6 +379,13 @@ func (p *pipeline) process(cb *callback) {
 	}
 	p.spill.moved(cb.journalID) // applied: a spill record of it is spent
 	p.forget(cb)
+}
+
+// recoverPanicked parks a callback whose lookups panicked as they started.
+func (p *pipeline) recoverPanicked(cb *callback) {
+	defer p.wg.Done()
+	defer p.guard.catch("park callback")
+	p.recoverCallback(cb)
 }
 
 // Parking a callback whose processing panicked: each attempt is bounded by

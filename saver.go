@@ -7,14 +7,15 @@ import (
 )
 
 // This file is the fetcher's last step for an online answer: the row is
-// committed before the flight's waiters hear it. Answers queue here and one
+// committed before the flight's callbacks hear it. Answers queue here and one
 // goroutine, started on demand, writes them in batches.
 
-// pendingSave is an online answer waiting to be written, with the waiters
-// that hear it once it is.
+// pendingSave is an online answer waiting to be written, with the flight
+// that is settled once it is, and the lookups it answers.
 type pendingSave struct {
 	row     objectRow
-	waiters []waiter
+	flight  *flight
+	lookups int
 }
 
 // queueSave queues an online answer and starts the saving goroutine unless
@@ -60,9 +61,9 @@ func (f *fetcher) saveQueued(ctx context.Context) {
 				r = resultExpired
 			}
 			if r == resultExpired {
-				f.dropped(len(s.waiters), "online objects not written: answered or committed after received time + TTL")
+				f.dropped(s.lookups, "online objects not written: answered or committed after received time + TTL")
 			}
-			f.hand(s.waiters, r)
+			settle(s.flight, r)
 		}
 	}
 }

@@ -31,7 +31,8 @@ func TestFreeSlotsGoToTheEarliestDeadline(t *testing.T) {
 	now := time.Now()
 	plug := newCallback(now, []int64{1000})
 	var wg sync.WaitGroup
-	p.fetcher.lookupAll(t.Context(), plug, &wg)
+	wg.Add(1)
+	p.fetcher.lookupAll(t.Context(), plug, wg.Done)
 	eventually(t, landWithin, "the plug holding the one slot", func() bool { return up.count(1000) == 1 })
 	// Queued newest first; each callback's receipt is its deadline - TTL.
 	cbs := []*callback{
@@ -40,7 +41,8 @@ func TestFreeSlotsGoToTheEarliestDeadline(t *testing.T) {
 		newCallback(now.Add(-5*time.Second), []int64{3, 4}),
 	}
 	for _, cb := range cbs {
-		p.fetcher.lookupAll(t.Context(), cb, &wg)
+		wg.Add(1)
+		p.fetcher.lookupAll(t.Context(), cb, wg.Done)
 	}
 	if got := p.fetcher.waiting.Load(); got != 6 {
 		t.Fatalf("%d flights queued, want 6", got)
@@ -111,7 +113,8 @@ func TestDeadObjectServiceIsProbedAndLookupsResume(t *testing.T) {
 	cbs := distinctCallbacks(40, 50) // 2000 lookups
 	var wg sync.WaitGroup
 	for _, cb := range cbs {
-		p.fetcher.lookupAll(ctx, cb, &wg)
+		wg.Add(1)
+		p.fetcher.lookupAll(ctx, cb, wg.Done)
 	}
 	eventually(t, landWithin, "the object service judged down", p.fetcher.upstream.isDown)
 	// Let the attempts that were out when it was judged come back.
