@@ -20,8 +20,8 @@ import (
 const (
 	// defaultMemoryBudget: with the default -max-inflight of 16 384 it
 	// gives bounds close to the counts that were the defaults before (4 M
-	// ids; about 40 000 callbacks instead of 20 000, which a callback's
-	// 6 KiB makes cheap), so a host sized for those needs no change. A
+	// ids; about 97 000 callbacks instead of 20 000, which a callback's
+	// 1 KiB makes cheap), so a host sized for those needs no change. A
 	// smaller host (a container with a memory limit) sets -max-memory to
 	// that limit, less a margin, and the bounds follow.
 	defaultMemoryBudget = 2 << 30
@@ -29,15 +29,15 @@ const (
 	minMemoryBudget = baseBytes
 
 	// heldCallbackBytes is what a callback held in memory costs besides its
-	// ids: the callback, its place in the backlog and its processing
-	// goroutine (measured 2.9-4.4 KiB, 4.8 KiB under the race detector;
-	// BenchmarkBacklogMemory).
-	heldCallbackBytes = 6 << 10
+	// ids: the callback and its place in the backlog (measured 225-240
+	// bytes; BenchmarkBacklogMemory). No goroutine waits for its lookups;
+	// when one did, it was 2.9-4.4 KiB.
+	heldCallbackBytes = 1 << 10
 	// heldIDBytes is what one of its ids costs while its lookup waits:
-	// the decoded id, its result, and either a waiter on a flight (about
-	// 25 bytes, duplicate ids) or a flight of its own (about 176 bytes, new
-	// ids; measured by BenchmarkBacklogMemory). The bound must hold for the
-	// costlier case.
+	// the decoded id, its result and its flight's address, and either a
+	// share of a flight it joined (about 34 bytes in all, duplicate ids)
+	// or a flight of its own (about 183 bytes, new ids; measured by
+	// BenchmarkBacklogMemory). The bound must hold for the costlier case.
 	heldIDBytes = 192
 	// inflightFetchBytes is what a fetch in flight costs: a connection
 	// with its two net/http goroutines and buffers, and the fetch's
@@ -51,9 +51,9 @@ const (
 	// room between the live heap and the limit or it runs all the time.
 	backlogShare = 0.75
 	// callbackShare of the backlog's bytes bounds callbacks, the rest ids:
-	// a callback of the usual 100-200 ids costs several times more in ids
+	// a callback of the usual 100-200 ids costs many times more in ids
 	// than in itself. Both bounds full at once still fit the backlog.
-	callbackShare = 0.25
+	callbackShare = 0.1
 )
 
 // backlogBounds are the bounds derived from a memory budget.
@@ -89,7 +89,9 @@ func planBacklog(budget int64, maxInflight int) (backlogBounds, error) {
 // bounds of planBacklog with maxInflight fetches in flight.
 func minBudgetFor(maxInflight int) int64 {
 	need := max(100*heldCallbackBytes/callbackShare, 20000*heldIDBytes/(1-callbackShare))
-	return int64(maxInflight)*inflightFetchBytes + baseBytes + int64(math.Ceil(need/backlogShare))
+	// A KiB more, so that planBacklog's rounding down never leaves it a
+	// callback or an id short.
+	return int64(maxInflight)*inflightFetchBytes + baseBytes + int64(math.Ceil(need/backlogShare)) + 1<<10
 }
 
 // byteSize is a flag value in bytes, written plainly (1073741824) or with a
