@@ -253,3 +253,21 @@ func TestCallbackPastAnswerLimitIsShedUnread(t *testing.T) {
 		t.Errorf("shed busy %d, want 1", got)
 	}
 }
+
+// The 202 written by hand is byte for byte what encoding/json gives, for
+// every body the service sends.
+func TestWriteAcceptedIsTheJSONEncoding(t *testing.T) {
+	for _, durable := range []string{durablePostgres, durableSpill, durableMemory} {
+		for _, ids := range []int{0, 1, 200, 10000} {
+			body := acceptedBody{Status: "accepted", IDs: ids, Journaled: durable == durablePostgres, Durable: durable}
+			rec := httptest.NewRecorder()
+			writeAccepted(rec, body)
+			want := httptest.NewRecorder()
+			writeJSON(want, http.StatusAccepted, body)
+			if rec.Code != want.Code || rec.Body.String() != want.Body.String() || rec.Header().Get("Content-Type") != want.Header().Get("Content-Type") {
+				t.Errorf("%+v: %d %q (%s), want %d %q (%s)", body, rec.Code, rec.Body.String(), rec.Header().Get("Content-Type"),
+					want.Code, want.Body.String(), want.Header().Get("Content-Type"))
+			}
+		}
+	}
+}
