@@ -27,6 +27,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"os"
 	"os/exec"
@@ -217,6 +218,15 @@ type bencher struct {
 	self    string
 	stderr  io.Writer
 	results []benchResult
+	// runLoad runs one step; nil means run (a test seam).
+	runLoad func(context.Context, benchLoad) (benchResult, error)
+}
+
+func (b *bencher) step(ctx context.Context, l benchLoad) (benchResult, error) {
+	if b.runLoad != nil {
+		return b.runLoad(ctx, l)
+	}
+	return b.run(ctx, l)
 }
 
 func (b *bencher) run(ctx context.Context, l benchLoad) (benchResult, error) {
@@ -246,17 +256,40 @@ func (b *bencher) closed(ctx context.Context) (*closedResult, error) {
 
 // steps runs the load of one kind at each rate in turn until one does not
 // hold, and returns the last one that held (nil if none did).
+// steps runs rates in order until one does not hold, then narrows the gap
+// between it and the highest rate that held, b.c.refine times by halves: it
+// returns the highest rate that held.
 func (b *bencher) steps(ctx context.Context, rates []float64, unique bool) (*benchResult, error) {
 	var best *benchResult
+	failed := 0.0
 	for _, rate := range rates {
-		r, err := b.run(ctx, stepLoad(b.c, rate, unique))
+		r, err := b.step(ctx, stepLoad(b.c, rate, unique))
 		if err != nil {
 			return nil, err
 		}
 		if !r.held {
+			failed = rate
 			break
 		}
 		best = &r
+	}
+	if best == nil || failed == 0 {
+		return best, nil
+	}
+	for range b.c.refine {
+		rate := math.Round((best.rate+failed)/2*100) / 100
+		if rate <= best.rate || rate >= failed {
+			break
+		}
+		r, err := b.step(ctx, stepLoad(b.c, rate, unique))
+		if err != nil {
+			return nil, err
+		}
+		if r.held {
+			best = &r
+		} else {
+			failed = rate
+		}
 	}
 	return best, nil
 }

@@ -2,6 +2,8 @@ package main
 
 import (
 	"bytes"
+	"context"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -91,5 +93,43 @@ func TestPrintSpillLine(t *testing.T) {
 	want := "dup-heavy 200/s 0/0, retrying 20/s 12/1\n"
 	if !strings.HasSuffix(b.String(), want) {
 		t.Errorf("spill line %q, want it to end %q", b.String(), want)
+	}
+}
+
+// The steps go up until a rate does not hold, then halve the gap to the
+// highest that held -refine times; the best is the highest that held.
+func TestStepsRefineTheKnee(t *testing.T) {
+	cases := []struct {
+		name   string
+		refine int
+		holds  func(rate float64) bool
+		want   []float64 // the rates run, in order
+		best   float64   // 0: none held
+	}{
+		{"knee at 33", 2, func(r float64) bool { return r <= 33 }, []float64{10, 20, 25, 30, 35, 32.5, 33.75}, 32.5},
+		{"knee at 31", 2, func(r float64) bool { return r <= 31 }, []float64{10, 20, 25, 30, 35, 32.5, 31.25}, 30},
+		{"no refining", 0, func(r float64) bool { return r <= 33 }, []float64{10, 20, 25, 30, 35}, 30},
+		{"every rate holds", 2, func(float64) bool { return true }, []float64{10, 20, 25, 30, 35, 40}, 40},
+		{"none holds", 2, func(float64) bool { return false }, []float64{10}, 0},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			var ran []float64
+			b := &bencher{c: config{refine: tc.refine, duration: 30 * sec}, runLoad: func(_ context.Context, l benchLoad) (benchResult, error) {
+				ran = append(ran, l.rate)
+				return benchResult{benchLoad: l, held: tc.holds(l.rate)}, nil
+			}}
+			best, err := b.steps(t.Context(), []float64{10, 20, 25, 30, 35, 40}, true)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := 0.0
+			if best != nil {
+				got = best.rate
+			}
+			if !slices.Equal(ran, tc.want) || got != tc.best {
+				t.Errorf("ran %v, best %g; want %v, best %g", ran, got, tc.want, tc.best)
+			}
+		})
 	}
 }

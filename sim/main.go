@@ -81,6 +81,7 @@ type config struct {
 	refDuration  time.Duration
 	uniqueRates  []float64
 	dupRates     []float64
+	refine       int
 	edges        bool
 	deadFor      time.Duration
 	edgeCapacity float64
@@ -170,6 +171,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.BoolVar(&c.closedLoop, "closed-loop", true, "bench mode: after the overload rows, run the closed-loop duplicate-heavy row: -closed-concurrency senders\nagainst a decode-and-202 server, then against the service (see closed.go)")
 	fs.BoolVar(&c.closedOnly, "closed-loop-only", false, "bench mode: run only the closed-loop row (with a short -duration: a quick check)")
 	fs.IntVar(&c.closedConcurrency, "closed-concurrency", 200, "bench mode: concurrent senders of the closed-loop row")
+	fs.IntVar(&c.refine, "refine", 2, "bench mode: after the first rate of a kind that does not hold, run this many more, each halfway between\nthe highest rate that held and the lowest that did not (the steps are 15-25% apart; the capacity lies between)")
 	dupRates := fs.String("dup-rates", "200,2000,4000", "bench mode: callback rates to step through for the duplicate-heavy load, until one does not hold")
 	if err := fs.Parse(args); err != nil {
 		return c, err
