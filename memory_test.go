@@ -26,9 +26,10 @@ type heldCost struct {
 }
 
 // measureHeld holds n callbacks of k ids each in the real pipeline
-// structures (the callback, its place in the backlog, its processing
-// goroutine, its lookups queued or joined in the fetcher, which has no
-// dispatcher running, so every lookup waits) and returns what they cost.
+// structures (the callback, its place in the backlog, its lookups queued
+// or joined in the fetcher, any goroutine that waits with it; the fetcher
+// has no dispatcher running, so every lookup waits) and returns what they
+// cost.
 // With dup the ids are drawn from 0-99, as the duplicate-heavy load sends
 // them, so most lookups join a flight; otherwise every id is new and
 // starts a flight of its own, the costlier case.
@@ -61,7 +62,7 @@ func measureHeld(tb testing.TB, n, k int, dup bool) heldCost {
 		a.pipe.start(cb)
 	}
 	// Every lookup is either a flight of its own (waiting) or has joined
-	// one (coalesced) once the processing goroutines are all parked.
+	// one (coalesced) once every callback's lookups have started.
 	eventually(tb, 30*time.Second, "every lookup queued or joined", func() bool {
 		return a.fetcher.waiting.Load()+int64(a.metrics.coalesced.Value()) == int64(total)
 	})
