@@ -97,7 +97,10 @@ func (p *pipeline) accept(receivedAt time.Time, objectIDs []int64) (accepted, er
 		p.metrics.journalFailures.Inc()
 		p.warnMemoryOnly()
 	}
-	p.start(cb)
+	// Its lookups start beside the answer, not before it: queueing new
+	// flights takes the fetcher's lock, which a queue of retries (the
+	// object service failing) can keep busy past the sender's 1 s.
+	go p.start(cb)
 	if durable == "" {
 		return accepted{}, &overloaded{reason: "not_durable", retryAfter: time.Second}
 	}
