@@ -25,8 +25,14 @@ CREATE TABLE IF NOT EXISTS callback_journal (
     owner       TEXT NOT NULL,
     lease_until TIMESTAMPTZ NOT NULL
 );
-CREATE INDEX IF NOT EXISTS callback_journal_lease_idx ON callback_journal (lease_until);
-CREATE INDEX IF NOT EXISTS callback_journal_received_idx ON callback_journal (received_at);
+-- The journal's rows are found through their owner: a skip scan of this
+-- index lists the owners, then takeover reads only the rows of owners
+-- without a live lease, and expiry each owner's oldest rows. (The indexes on
+-- lease_until and received_at it replaces cost a write per callback each,
+-- and takeover through them read every row held past its own lease.)
+CREATE INDEX IF NOT EXISTS callback_journal_owner_idx ON callback_journal (owner, received_at);
+DROP INDEX IF EXISTS callback_journal_lease_idx;
+DROP INDEX IF EXISTS callback_journal_received_idx;
 
 CREATE TABLE IF NOT EXISTS journal_owners (
     owner       TEXT PRIMARY KEY,

@@ -152,6 +152,86 @@ func TestJournalLeaseClaimAndExpiry(t *testing.T) {
 	}
 }
 
+// Expiry and takeover find rows through their owners: rows of several
+// owners (this live instance, a crashed one whose lease ran out, one that
+// never renewed, parked rows) are each dropped once past the TTL and taken
+// over only when their owner has no live lease, whatever the order of the
+// owners in the index.
+func TestJournalRowsOfEveryOwner(t *testing.T) {
+	a := dbApp(t, "-lease", "5s", "-ttl", "30s")
+	db := openDB(t, a.cfg.dsn)
+	ctx := context.Background()
+	now := at(time.Now())
+	if err := a.store.renewLease(ctx, now.Add(time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Exec(`INSERT INTO journal_owners (owner, lease_until) VALUES ('crashed', $1), ('~live', $2)`,
+		pgTime(now.Add(-time.Second)), pgTime(now.Add(time.Minute))); err != nil {
+		t.Fatal(err)
+	}
+	owners := []struct {
+		name    string
+		orphan  bool
+		idsFrom int64
+	}{
+		{a.store.owner, false, 100},
+		{"crashed", true, 200},
+		{"never-renewed", true, 300},
+		{"~live", false, 400},
+		{parkedOwner, true, 500},
+	}
+	var wantLeft, wantClaimed []int64
+	for _, o := range owners {
+		rows := []journalRow{
+			{journalID: o.idsFrom, receivedAt: now.Add(-40 * time.Second), objectIDs: []int64{1}},
+			{journalID: o.idsFrom + 1, receivedAt: now.Add(-10 * time.Second), objectIDs: []int64{2}},
+			{journalID: o.idsFrom + 2, receivedAt: now.Add(-time.Second), objectIDs: []int64{3}},
+		}
+		if err := a.store.insertJournal(ctx, a.db.main, rows, o.name, now.Add(-time.Second)); err != nil {
+			t.Fatal(err)
+		}
+		wantLeft = append(wantLeft, o.idsFrom+1, o.idsFrom+2)
+		if o.orphan {
+			wantClaimed = append(wantClaimed, o.idsFrom+1, o.idsFrom+2)
+		}
+	}
+	n, err := a.store.dropExpired(ctx, now.Add(-30*time.Second))
+	if err != nil || n != int64(len(owners)) {
+		t.Fatalf("drop expired: %d rows, %v; want one of each of %d owners", n, err, len(owners))
+	}
+	var left []int64
+	rows, err := db.Query(`SELECT id FROM callback_journal ORDER BY id`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for rows.Next() {
+		var id int64
+		if err := rows.Scan(&id); err != nil {
+			t.Fatal(err)
+		}
+		left = append(left, id)
+	}
+	if !slices.Equal(left, wantLeft) {
+		t.Errorf("rows left after expiry %v, want %v", left, wantLeft)
+	}
+	other := testApp(t, a.cfg, nil).store
+	got, err := other.claim(ctx, now, now.Add(5*time.Second), now.Add(-30*time.Second), 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var claimed []int64
+	for i, r := range got {
+		claimed = append(claimed, r.journalID)
+		if i > 0 && r.receivedAt.Before(got[i-1].receivedAt) {
+			t.Errorf("claimed rows out of receipt order: %v", got)
+		}
+	}
+	slices.Sort(claimed)
+	if !slices.Equal(claimed, wantClaimed) {
+		t.Errorf("claimed %v, want the rows of owners without a live lease %v", claimed, wantClaimed)
+	}
+}
+
 func TestParkedCallbacksAreClaimableAtOnce(t *testing.T) {
 	a := dbApp(t)
 	ctx := context.Background()
