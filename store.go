@@ -233,11 +233,12 @@ func (s *store) forgetOwners(ctx context.Context, cutoff time.Time) error {
 // for every callback.
 func (s *store) dropExpired(ctx context.Context, cutoff time.Time) (int64, error) {
 	owners, _, err := journalOwners(ctx, s.db.main, time.Now())
-	if err != nil || len(owners) == 0 {
-		if err != nil {
-			s.metrics.dbErrors.Inc("expire")
-		}
-		return 0, err
+	if err != nil {
+		s.metrics.dbErrors.Inc("expire")
+		return 0, fmt.Errorf("drop expired journal rows: %w", err)
+	}
+	if len(owners) == 0 {
+		return 0, nil
 	}
 	res, err := s.db.main.ExecContext(ctx, `
 		DELETE FROM callback_journal WHERE id IN (
