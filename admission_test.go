@@ -2,6 +2,8 @@ package main
 
 import (
 	"errors"
+	"runtime"
+	"sync"
 	"testing"
 	"time"
 )
@@ -109,6 +111,85 @@ func TestAnswerLimiterCutsOncePerCooldown(t *testing.T) {
 	if got := l.limit.Load(); got != 750*3/4 {
 		t.Fatalf("limit %d after the cooldown, want a second cut to %d", got, 750*3/4)
 	}
+}
+
+// Two starved ticks in a row cut the limit however fast the handlers
+// answered, and a starved tick stops it growing; fast answers alone grow it.
+func TestAnswerLimiterCutsWhenStarvedOfCPU(t *testing.T) {
+	tests := []struct {
+		name    string
+		starved []bool
+		want    int64
+	}{
+		{"fast answers, not starved: grow twice", []bool{false, false}, 1000 + 1000/16 + 1062/16},
+		{"fast answers, starved twice: cut to 3/4", []bool{true, true}, 750},
+		{"starved once: hold", []bool{false, true}, 1000 + 1000/16},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			l := newAnswerLimiter(250*time.Millisecond, newMetrics())
+			l.limit.Store(1000)
+			now := time.Now()
+			for i, starved := range tt.starved {
+				for range l.limit.Load() {
+					l.enter()
+				}
+				for range l.limit.Load() {
+					l.leave(time.Millisecond)
+				}
+				l.tick(now.Add(time.Duration(i)*limitTick), starved)
+			}
+			if got := l.limit.Load(); got != tt.want {
+				t.Errorf("limit %d, want %d", got, tt.want)
+			}
+		})
+	}
+}
+
+// The meter sees goroutines kept waiting for a CPU: on one P, eight
+// goroutines that spin for 300 ms share it in 10 ms slices, each waiting
+// about 70 ms for its next one. Goroutines that only hand each other a
+// value are not starved.
+func TestSchedMeterSeesGoroutinesWaitingForACPU(t *testing.T) {
+	s := newSchedMeter()
+	s.starved()
+	pingPong(1000)
+	if s.starved() {
+		t.Fatal("starved while goroutines only handed values to each other")
+	}
+	procs := runtime.GOMAXPROCS(1)
+	t.Cleanup(func() { runtime.GOMAXPROCS(procs) })
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Go(func() {
+			for end := time.Now().Add(300 * time.Millisecond); time.Now().Before(end); {
+			}
+		})
+	}
+	wg.Wait()
+	if !s.starved() {
+		t.Error("not starved after 8 goroutines shared one P for 300 ms")
+	}
+	pingPong(1000)
+	if s.starved() {
+		t.Error("starved after the spinning ended, while goroutines only handed values to each other")
+	}
+}
+
+// pingPong has two goroutines hand a value back and forth n times: n quick
+// waits to run.
+func pingPong(n int) {
+	ping, pong := make(chan int), make(chan int)
+	go func() {
+		for v := range ping {
+			pong <- v
+		}
+	}()
+	for i := range n {
+		ping <- i
+		<-pong
+	}
+	close(ping)
 }
 
 func TestAnswerLimiterEnterAndLeave(t *testing.T) {
