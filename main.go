@@ -131,18 +131,20 @@ func serve(ctx context.Context, a *app) error {
 		ConnState:         ln.connState,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
+	// pprof listens before the service serves: once /healthz answers,
+	// every listener is there.
+	if cfg.pprofAddr != "" {
+		if err := servePprof(a.bg, cfg.pprofAddr, log, a.guard); err != nil {
+			_ = ln.Close()
+			a.close()
+			return err
+		}
+	}
 	serveErr := make(chan error, 1)
 	go func() {
 		defer a.guard.catch("http-server")
 		serveErr <- srv.Serve(ln)
 	}()
-	if cfg.pprofAddr != "" {
-		if err := servePprof(a.bg, cfg.pprofAddr, log, a.guard); err != nil {
-			_ = srv.Close()
-			a.close()
-			return err
-		}
-	}
 	build := readBuildInfo()
 	log.Info("serving", "version", build.version, "revision", build.revisionLabel(), "listen", ln.Addr().String(), "upstream", cfg.upstream,
 		"database", redactDSN(cfg.dsn), "ttl", cfg.ttl, "max_inflight", cfg.maxInflight,

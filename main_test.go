@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"flag"
+	"net"
 	"net/http"
 	"regexp"
 	"strconv"
@@ -150,6 +151,27 @@ func TestPprofListener(t *testing.T) {
 		t.Fatalf("pprof: %v %v", resp, err)
 	}
 	resp.Body.Close()
+}
+
+// A -pprof address that is taken stops the start with an error naming it,
+// and the service's own address is given back.
+func TestPprofAddressTaken(t *testing.T) {
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { taken.Close() })
+	listen := freeAddr(t)
+	args := []string{"objtrack", "-listen", listen, "-dsn", "postgres://x@127.0.0.1:1/x?sslmode=disable", "-spill-dir", t.TempDir(), "-pprof", taken.Addr().String()}
+	err = run(context.Background(), args, func(string) string { return "" }, &bytes.Buffer{})
+	if err == nil || !strings.Contains(err.Error(), "pprof listen on "+taken.Addr().String()) {
+		t.Fatalf("run with a taken -pprof address: %v, want an error naming it", err)
+	}
+	ln, err := net.Listen("tcp", listen)
+	if err != nil {
+		t.Fatalf("-listen %s still held after the failed start: %v", listen, err)
+	}
+	ln.Close()
 }
 
 // -healthcheck asks the running service for -healthcheck-path: /healthz
