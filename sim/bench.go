@@ -46,7 +46,12 @@ const (
 	metricFetchesInFlight = "objtrack_fetches_in_flight"
 	metricSpilled         = "objtrack_spill_appended_total"
 	metricJournalFailures = "objtrack_journal_failures_total"
+	metricShed            = "objtrack_callbacks_shed_total"
 )
+
+// shedReasons are the reason label values of metricShed, in the order a
+// row prints them.
+var shedReasons = []string{"backlog_full", "queue_wait", "busy", "not_durable"}
 
 // benchLoad is one row of a table: run-mode flags and what must hold.
 type benchLoad struct {
@@ -116,9 +121,12 @@ type benchResult struct {
 	// journal commit missed -journal-timeout, and 2xx answers with
 	// neither record.
 	spilled, journalFailures float64
-	held                     bool
-	note                     string
-	targets                  []target // overload and edge rows only, instead of held and note
+	// shedBy is the service's own count of callbacks answered 503, by
+	// reason, during the row: why it shed what the sender counts as shed.
+	shedBy  map[string]float64
+	held    bool
+	note    string
+	targets []target // overload and edge rows only, instead of held and note
 	// For the edge rows: go_goroutines before the load and during it, and
 	// the WARN lines saying the object service is not answering.
 	idleGoroutines float64
@@ -463,6 +471,12 @@ func measure(ctx context.Context, c config, self string, l benchLoad, stderr io.
 	fetches := m1.sum(metricFetches) - fetches0
 	res.spilled = m1[metricSpilled] - m0[metricSpilled]
 	res.journalFailures = m1[metricJournalFailures] - m0[metricJournalFailures]
+	res.shedBy = map[string]float64{}
+	for _, reason := range shedReasons {
+		if n := m1[shedSeries(reason)] - m0[shedSeries(reason)]; n > 0 {
+			res.shedBy[reason] = n
+		}
+	}
 	if fetches > 0 {
 		res.cpuPer1000 = cpu / fetches * 1000
 	}
@@ -501,7 +515,7 @@ func measure(ctx context.Context, c config, self string, l benchLoad, stderr io.
 	}
 	switch {
 	case sum.Missed > 0:
-		res.note = fmt.Sprintf("%d callbacks missed (%d shed with 503, %d timed out)", sum.Missed, sum.Shed, sum.TimedOut)
+		res.note = fmt.Sprintf("%d callbacks missed (%d shed with 503%s, %d timed out)", sum.Missed, sum.Shed, res.shedReasonsString(), sum.TimedOut)
 	case !sum.Pass:
 		res.note = "simulator verdict FAIL"
 	case l.unique && (sum.CatchupMS < 0 || sum.CatchupMS > 6000):
@@ -510,6 +524,25 @@ func measure(ctx context.Context, c config, self string, l benchLoad, stderr io.
 		res.held = true
 	}
 	return res, nil
+}
+
+func shedSeries(reason string) string {
+	return metricShed + `{reason="` + reason + `"}`
+}
+
+// shedReasonsString lists the service's 503s by reason, as in
+// ": busy 12, queue_wait 3", or nothing when it shed none.
+func (r benchResult) shedReasonsString() string {
+	var parts []string
+	for _, reason := range shedReasons {
+		if n := r.shedBy[reason]; n > 0 {
+			parts = append(parts, fmt.Sprintf("%s %.0f", reason, n))
+		}
+	}
+	if len(parts) == 0 {
+		return ""
+	}
+	return ": " + strings.Join(parts, ", ")
 }
 
 // measureCeiling runs the simulated object service in one process and a
@@ -672,6 +705,9 @@ func printOverloadTable(w io.Writer, results []benchResult, skipped []string) {
 			r.sum.Accepted, r.sum.Shed, r.sum.TimedOut, fmt.Sprintf("%.0f/s", goodput(r.sum)), r.sum.Lost,
 			r.sum.UpstreamPerAcceptedID, r.sum.AckP99, r.peakRSSMiB)
 		fmt.Fprintf(w, "  targets: %s\n", targetsString(r.targets))
+		if why := r.shedReasonsString(); why != "" {
+			fmt.Fprintf(w, "  the service's 503s by reason%s\n", why)
+		}
 		// Failures that are neither a 503 nor a timeout (a refused or
 		// reset connection, another status) are in no column above.
 		if other := r.sum.Failed - r.sum.Shed - r.sum.TimedOut; other > 0 {
